@@ -1,0 +1,295 @@
+"""Experiment configuration: YAML files validated by pydantic, with overrides.
+
+A config has five sections (``data``, ``detector``, ``training``, ``evaluation``,
+``tracking``) plus a name and a workspace. Every field has a default, every
+field can be overridden from the command line as ``key.path=value`` (the value
+is parsed as a YAML scalar), and an unknown key or a wrong type is an error that
+names the key and the file, never a silent no-op.
+
+The ``detector`` section is validated against the defaults the detector itself
+declares (``anchorless.detectors.default_detector_config``), so the resolved
+config shows every weight a detector has under its dotted path.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation; evaluation never augments."""
+
+    enabled: bool = True
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    scale_jitter: tuple[float, float] = Field(
+        (0.8, 1.2), description="range of the random scale applied before letterboxing"
+    )
+    crop_prob: float = Field(0.3, ge=0.0, le=1.0, description="probability of a random crop")
+    crop_min_fraction: float = Field(
+        0.6, gt=0.0, le=1.0, description="smallest crop side as a fraction of the image side"
+    )
+    color_jitter: float = Field(
+        0.2, ge=0.0, le=1.0, description="strength of brightness/contrast/saturation jitter"
+    )
+
+    @field_validator("scale_jitter")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError(f"expected 0 < low <= high, got {list(value)}")
+        return value
+
+
+class DataConfig(_Section):
+    """Where the shards are and how images reach the detector."""
+
+    train: str | None = Field(None, description="shard directory of the training split")
+    val: str | None = Field(None, description="shard directory of the validation split")
+    image_size: int = Field(512, ge=32, description="square network input side, multiple of 32")
+    batch_size: int = Field(8, ge=1, description="images per worker per step")
+    max_boxes: int = Field(100, ge=1, description="boxes kept per image (padded to this)")
+    augment: AugmentConfig = AugmentConfig()
+    decode_concurrency: int | None = Field(
+        None, ge=1, description="parallel decode/augment tasks; None lets Ray decide"
+    )
+    prefetch_batches: int = Field(2, ge=0, description="batches prefetched per worker")
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be a multiple of 32 (the largest detector stride), got {value}")
+        return value
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0.0, description="peak learning rate for the whole batch")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(_Section):
+    kind: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps from warmup_factor*lr")
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.67, 0.89],
+        description="step schedule: fractions of the total steps where lr is multiplied by gamma",
+    )
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+
+
+class CheckpointConfig(_Section):
+    every_epochs: int = Field(1, ge=1)
+    keep_best: int = Field(2, ge=1, description="best checkpoints kept by `metric`, plus the latest")
+    metric: str = "AP"
+    mode: Literal["max", "min"] = "max"
+
+
+class TrainingConfig(_Section):
+    """Ray Train workers and the DeepSpeed engine each of them runs."""
+
+    epochs: int = Field(12, ge=1)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(1.0, ge=0.0, description="used only when use_gpu is true")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker; None = cpus_per_worker"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16 need use_gpu; fp32 is the only CPU choice"
+    )
+    zero_stage: Literal[0, 1, 2] = 0
+    grad_clip: float | None = Field(1.0, gt=0.0, description="max gradient norm; None disables")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")
+    seed: int = 0
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss stops the run, or skips that step"
+    )
+    log_every_steps: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _precision_needs_gpu(self) -> "TrainingConfig":
+        if self.precision != "fp32" and not self.use_gpu:
+            raise ValueError(f"precision={self.precision} needs use_gpu=true; on CPU use fp32")
+        return self
+
+
+class EvaluationConfig(_Section):
+    every_epochs: int = Field(1, ge=1)
+    every_steps: int | None = Field(None, ge=1, description="also evaluate every N steps")
+    batch_size: int = Field(8, ge=1)
+    duplicate_score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    duplicate_iou_threshold: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI or a SQLite store in the workspace"
+    )
+    experiment: str = "anchorless"
+    run_name: str | None = Field(None, description="None = the config's name")
+    registered_model: str | None = Field(None, description="register the final model under this name")
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    workspace: str = Field("workspace", description="runs, checkpoints and the local MLflow store")
+    data: DataConfig = DataConfig()
+    detector: dict[str, Any] = Field(default_factory=lambda: {"name": "onenet"})
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _resolve_detector(cls, value: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a mapping with a `name`, got {type(value).__name__}")
+        return resolve_detector_config(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to leaf values, e.g. for MLflow params."""
+        return flatten(self.to_dict())
+
+
+def resolve_detector_config(value: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge a detector section onto the detector's own defaults; unknown keys are errors."""
+    from anchorless.detectors import DETECTORS, default_detector_config
+
+    name = value.get("name")
+    if name not in DETECTORS:
+        raise ValueError(f"detector.name: unknown detector {name!r}; expected one of {', '.join(sorted(DETECTORS))}")
+    return _merge_strict(default_detector_config(name), value, "detector")
+
+
+def _merge_strict(defaults: dict[str, Any], value: Mapping[str, Any], path: str) -> dict[str, Any]:
+    merged = copy.deepcopy(defaults)
+    for key, item in value.items():
+        dotted = f"{path}.{key}"
+        if key not in defaults:
+            raise ValueError(f"{dotted}: unknown key; expected one of {', '.join(sorted(defaults))}")
+        if isinstance(defaults[key], dict):
+            if not isinstance(item, Mapping):
+                raise ValueError(f"{dotted}: expected a mapping, got {item!r}")
+            merged[key] = _merge_strict(defaults[key], item, dotted)
+        else:
+            merged[key] = item
+    return merged
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """``a.b.c=value`` strings to (path, value) pairs, values parsed as YAML scalars."""
+    parsed = []
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {override!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {override!r}: value is not valid YAML ({exc.problem})") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set each ``key.path=value`` in a raw config dict; validation checks the keys."""
+    result = copy.deepcopy(raw)
+    for path, value in parse_overrides(overrides):
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        if message.startswith("detector."):  # already carries its own dotted path
+            lines.append(f"{source}: {message}")
+        else:
+            lines.append(f"{source}: {location}: {message}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(raw: Mapping[str, Any], source: str = "<config>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        source += " (with overrides)"
+    return build_config(apply_overrides(raw, overrides), source)

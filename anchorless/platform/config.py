@@ -21,7 +21,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class ConfigError(ValueError):
+
+from anchorless.platform.errors import AnchorlessError
+
+
+class ConfigError(AnchorlessError, ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 

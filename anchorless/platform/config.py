@@ -20,8 +20,6 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-
 from anchorless.platform.errors import AnchorlessError
 
 

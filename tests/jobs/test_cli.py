@@ -1,0 +1,46 @@
+"""The command line: help, resolved configs, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import yaml
+
+from anchorless.jobs.cli import main
+
+
+def test_help_lists_the_verbs(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exit_:
+        assert exit_.code == 0
+    out = capsys.readouterr().out
+    for verb in ("quickstart", "config", "data", "train", "evaluate", "predict"):
+        assert verb in out
+
+
+def test_config_show_prints_the_resolved_config_with_overrides(capsys):
+    assert main(["config", "show", "training.epochs=3", "detector.assigner.cost_l1=4.5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["training"]["epochs"] == 3
+    assert shown["detector"]["assigner"]["cost_l1"] == 4.5
+    assert shown["detector"]["assigner"]["cost_giou"] == 2.0
+
+
+def test_config_error_is_one_line_on_stderr_and_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  epochz: 3\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "anchorless.jobs.cli", "config", "show", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {bad}: training.epochz: unknown key"
+    assert "Traceback" not in result.stderr
+
+
+def test_data_synth_writes_the_coco_layout(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--num-images", "6", "--size", "64"]) == 0
+    assert (tmp_path / "annotations" / "instances_train.json").exists()
+    assert (tmp_path / "annotations" / "instances_val.json").exists()
+    assert len(list((tmp_path / "images").glob("*.jpg"))) == 6

@@ -1,7 +1,25 @@
-"""Pure PyTorch detectors and their parts.
-
-Backbones, necks, heads, label assigners, losses, post-processing and COCO
-evaluation helpers, one file per detector over shared building blocks. A detector
-built here can be trained and tested with a plain PyTorch loop: nothing in this
-package imports ray, deepspeed or mlflow.
+"""Detectors: pure PyTorch models, label assigners, losses, post-processing and
+evaluation helpers for anchor-free, NMS-free object detection (OneNet, CenterNet,
+FCOS and their kin). Everything here runs and is tested with plain PyTorch,
+torchvision, scipy and pycocotools; nothing here imports ray, deepspeed or mlflow,
+so a detector can be trained in a notebook as well as on the cluster. The platform
+builds a detector from a plain config dict with :func:`build_detector`.
 """
+
+from anchorless.detectors.base import BaseDetector, DetectorConfigError, reduce_normalizer
+from anchorless.detectors.registry import (
+    DETECTORS,
+    build_detector,
+    default_detector_config,
+    resolve_detector_config,
+)
+
+__all__ = [
+    "DETECTORS",
+    "BaseDetector",
+    "DetectorConfigError",
+    "build_detector",
+    "default_detector_config",
+    "reduce_normalizer",
+    "resolve_detector_config",
+]

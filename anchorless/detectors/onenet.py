@@ -1,0 +1,184 @@
+"""OneNet (Sun et al., ICML 2021): end-to-end one-stage detection by minimum-cost assignment.
+
+A stride-4 map (ResNet + deconvolution upsampler, as CenterNet) predicts at every location
+class logits and a box ``location -/+ ReLU(l, t, r, b)``. Each ground truth is matched to
+the single location of minimum cost (classification + L1 + GIoU, the same terms and
+weights as the loss), so classification learns one positive per object and inference is
+top-100 without NMS.
+
+Shapes: B images, C classes, H x W the stride-4 map, R = H*W locations, M ground truths.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.ops import clip_boxes_to_image
+
+from anchorless.detectors.assigners import MinCostAssigner
+from anchorless.detectors.backbones import ResNetBackbone
+from anchorless.detectors.base import BaseDetector, Detections, grid_points, reduce_normalizer
+from anchorless.detectors.losses import FocalLoss, IoULoss, L1Loss
+from anchorless.detectors.necks import DeconvUpsampler
+from anchorless.detectors.postprocess import Postprocess, topk_dense
+
+
+def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+
+
+class OneNetHead(nn.Module):
+    """Classification and ltrb regression at stride 4, optionally with multi-head training.
+
+    Head k >= 1 (training only) sees F_k = ReLU(conv(concat(F_0, F_{k-1}))), F_0 being the
+    neck output, and shares the prediction layers with head 0. Inference uses head 0 only,
+    so extra heads cost nothing at test time.
+
+    Args:
+        in_channels, num_classes: set by the detector.
+        prior_prob: initial foreground probability of the classifier (0.01).
+        num_heads: 1 (plain OneNet) or more for multi-head training.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, prior_prob: float = 0.01, num_heads: int = 1) -> None:
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self.feat = _conv3x3(in_channels, in_channels)
+        self.cls_score = _conv3x3(in_channels, num_classes)
+        self.ltrb_pred = _conv3x3(in_channels, 4)
+        self.stages = nn.ModuleList(_conv3x3(2 * in_channels, in_channels) for _ in range(num_heads - 1))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def predict(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, D, H, W) -> class logits (B, C, H, W), ltrb distances >= 0 in pixels (B, 4, H, W)."""
+        feat = torch.relu(self.feat(features))
+        return self.cls_score(feat), torch.relu(self.ltrb_pred(feat))
+
+    def forward(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        outputs = [self.predict(features)]
+        if self.training:
+            stage = features
+            for conv in self.stages:
+                stage = torch.relu(conv(torch.cat([features, stage], dim=1)))
+                outputs.append(self.predict(stage))
+        return outputs
+
+
+class OneNetLoss(nn.Module):
+    """OneNet's weighted losses: focal classification, L1 on size-normalised boxes, GIoU.
+
+    Args:
+        cls, l1, giou: loss weights (2, 5, 2: the same as the matching cost).
+        focal_alpha, focal_gamma: focal loss parameters (0.25, 2).
+    """
+
+    def __init__(
+        self,
+        *,
+        cls: float = 2.0,
+        l1: float = 5.0,
+        giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.cls_loss = FocalLoss(weight=cls, alpha=focal_alpha, gamma=focal_gamma)
+        self.l1_loss = L1Loss(weight=l1)
+        self.giou_loss = IoULoss(weight=giou, kind="giou")
+
+
+class OneNet(BaseDetector):
+    """OneNet: ResNet + deconvolution upsampler, MinCostAssigner, NMS-free top-k."""
+
+    components = {
+        "backbone": ResNetBackbone,
+        "neck": DeconvUpsampler,
+        "head": OneNetHead,
+        "assigner": MinCostAssigner,
+        "loss": OneNetLoss,
+        "postprocess": Postprocess,
+    }
+    # Official OneNet R18: BatchNorm, nothing frozen.
+    defaults = {"backbone": {"depth": 18, "norm": "bn"}}
+    stride = 4
+
+    @classmethod
+    def from_config(cls, num_classes: int, cfg: dict[str, dict[str, Any]]) -> OneNet:
+        backbone = cls.make("backbone", ResNetBackbone, DeconvUpsampler.in_strides, **cfg["backbone"])
+        neck = cls.make("neck", DeconvUpsampler, backbone.out_channels[-1], **cfg["neck"])
+        return cls(
+            num_classes,
+            backbone,
+            neck,
+            cls.make("head", OneNetHead, neck.out_channels[0], num_classes, **cfg["head"]),
+            cls.make("assigner", MinCostAssigner, **cfg["assigner"]),
+            cls.make("loss", OneNetLoss, **cfg["loss"]),
+            cls.make("postprocess", Postprocess, **cfg["postprocess"]),
+        )
+
+    def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        heads = []
+        for cls_logits, ltrb in self.head(features[-1]):
+            batch, num_classes, height, width = cls_logits.shape
+            points = grid_points(height, width, self.stride, cls_logits.device)  # (R, 2)
+            ltrb = ltrb.flatten(2).transpose(1, 2)  # (B, R, 4)
+            boxes = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)  # (B, R, 4)
+            heads.append({"cls_logits": cls_logits.flatten(2).transpose(1, 2), "boxes": boxes})  # (B, R, C)
+        return {"heads": heads}
+
+    def losses(
+        self, outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]], image_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        device = outputs["heads"][0]["boxes"].device
+        num_boxes = reduce_normalizer(sum(len(t["labels"]) for t in targets), device)
+        losses = {}
+        for k, head in enumerate(outputs["heads"]):
+            suffix = "" if k == 0 else f"_{k}"
+            for name, value in self._head_losses(head, targets, image_size, num_boxes).items():
+                losses[name + suffix] = value
+        return losses
+
+    def _head_losses(
+        self,
+        head: dict[str, torch.Tensor],
+        targets: list[dict[str, torch.Tensor]],
+        image_size: tuple[int, int],
+        num_boxes: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        cls_logits, boxes = head["cls_logits"], head["boxes"]  # (B, R, C), (B, R, 4)
+        cls_targets = torch.zeros_like(cls_logits)  # (B, R, C)
+        matched_pred, matched_gt = [], []
+        for i, target in enumerate(targets):
+            pred_idx, gt_idx = self.assigner(
+                cls_logits[i].detach(), boxes[i].detach(), target["boxes"], target["labels"], image_size
+            )  # (K,), (K,)
+            # Two ground truths may pick one location (mode "min"): it learns both classes.
+            cls_targets[i, pred_idx, target["labels"][gt_idx]] = 1.0
+            matched_pred.append(boxes[i, pred_idx])  # (K, 4)
+            matched_gt.append(target["boxes"][gt_idx])  # (K, 4)
+        pred_boxes, gt_boxes = torch.cat(matched_pred), torch.cat(matched_gt)  # (K_total, 4)
+        height, width = image_size
+        scale = pred_boxes.new_tensor([width, height, width, height])  # (4,)
+        return {
+            "loss_cls": self.loss.cls_loss(cls_logits, cls_targets, num_boxes),
+            "loss_l1": self.loss.l1_loss(pred_boxes / scale, gt_boxes / scale, num_boxes),
+            "loss_giou": self.loss.giou_loss(pred_boxes, gt_boxes, num_boxes),
+        }
+
+    def inference(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> Detections:
+        head = outputs["heads"][0]
+        probs = head["cls_logits"].sigmoid()  # (B, R, C)
+        detections = []
+        for image_probs, image_boxes in zip(probs, head["boxes"]):
+            scores, point_idx, labels = topk_dense(image_probs, self.postprocess.topk)  # (K,) each
+            boxes = clip_boxes_to_image(image_boxes[point_idx], image_size)  # (K, 4)
+            detections.append(self.postprocess.finalize(boxes, scores, labels))
+        return detections

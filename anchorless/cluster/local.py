@@ -1,0 +1,558 @@
+"""A Ray head with token authentication and an MLflow server on this machine.
+
+``cluster_up`` starts two process groups, each a subprocess of this Python's
+own environment (the venv's ``ray`` and ``mlflow`` executables):
+
+* ``ray start --head --block`` with ``RAY_AUTH_MODE=token`` and the token in a
+  file under the state directory (``RAY_AUTH_TOKEN_PATH``), the dashboard and
+  job server on 127.0.0.1, every port chosen free (other Ray clusters may run
+  on this machine), and its own ``--temp-dir`` so that a plain ``ray.init()``
+  elsewhere on the machine never discovers and joins it;
+* ``mlflow server`` on 127.0.0.1 with a SQLite store and an artifact directory
+  under the state directory.
+
+Their addresses, pids and the token file land in ``cluster.json`` (written
+atomically) which ``cluster_status``, ``cluster_down`` and the job submission
+client read. ``ray stop`` is not used to stop the head: it stops every Ray
+process of the machine, other people's included. Instead every process of the
+cluster carries a cluster id in its environment, and ``cluster_down`` stops the
+two process groups it started and then anything still carrying that id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from anchorless.platform.errors import AnchorlessError
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "cluster.json"
+TOKEN_FILE = "ray_auth_token"
+CLUSTER_ID_ENV = "ANCHORLESS_CLUSTER_ID"
+STATE_DIR_ENV = "ANCHORLESS_CLUSTER_DIR"
+STATE_VERSION = 1
+
+# `ray start` ports that default to fixed numbers (6379, 8265, 10001, 52365) or
+# that we pin so that two heads on one machine never race for the same one.
+_RAY_PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+)
+
+
+class ClusterError(AnchorlessError):
+    """The local cluster cannot be started, read or stopped; the message says why."""
+
+
+# --------------------------------------------------------------------------- state
+
+
+def default_state_dir() -> Path:
+    """``$ANCHORLESS_CLUSTER_DIR``, else ``workspace/cluster`` under the current directory."""
+    return Path(os.environ.get(STATE_DIR_ENV) or Path("workspace") / "cluster").resolve()
+
+
+def state_path(state_dir: str | Path) -> Path:
+    return Path(state_dir) / STATE_FILE
+
+
+def write_state(state_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Write the state file atomically: a temporary file in the same directory, then rename."""
+    path = state_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(state, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_state(state_dir: str | Path) -> dict[str, Any] | None:
+    """The state written by ``cluster_up``, or None when there is none."""
+    path = state_path(state_dir)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ClusterError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); remove it and run `cluster up` again") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ClusterError(f"{path}: not a cluster state file of version {STATE_VERSION}; remove it and run `cluster up` again")
+    return state
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Serialise up/down on one state directory (two terminals, or a test and a CLI)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _executable(name: str) -> str:
+    """The executable from this interpreter's environment, so the cluster runs the same venv."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise ClusterError(f"cannot find the `{name}` executable next to {sys.executable} or on PATH")
+    return found
+
+
+def _reserve_ports(requested: dict[str, int | None]) -> dict[str, int]:
+    """Free ports for every name; requested ones are checked, the rest picked by the OS.
+
+    All sockets stay bound until every port is chosen, so the picks are distinct.
+    """
+    sockets: list[socket.socket] = []
+    ports: dict[str, int] = {}
+    try:
+        for name, port in requested.items():
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            try:
+                sock.bind(("127.0.0.1", port or 0))
+            except OSError:
+                raise ClusterError(f"{name}: port {port} is already in use; choose another or leave it unset") from None
+            ports[name] = sock.getsockname()[1]
+    finally:
+        for sock in sockets:
+            sock.close()
+    return ports
+
+
+def _ensure_token(state_dir: Path) -> Path:
+    """The cluster's token file (mode 0600), created once and reused across restarts."""
+    path = state_dir / TOKEN_FILE
+    if path.exists() and path.read_text().strip():
+        return path
+    # Same format as Ray's own generator, which only writes to ~/.ray/auth_token.
+    token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
+    fd, tmp = tempfile.mkstemp(prefix=f".{TOKEN_FILE}.", dir=state_dir)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def _ray_temp_dir(state_dir: Path) -> Path:
+    # Ray puts Unix sockets under its temp dir and socket paths are limited to
+    # 107 bytes, so this lives in the system temp dir under a short unique name.
+    digest = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"anchorless-ray-{digest}"
+
+
+def _http_get(url: str, *, token: str | None = None, timeout: float = 3.0) -> tuple[int, str]:
+    """(status, body) of a GET; status 0 with the reason when nothing answered."""
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(2000).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(2000).decode(errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return 0, str(reason)
+
+
+def _tcp_open(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _tail(path: str | Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _carries_cluster_id(proc: psutil.Process, cluster_id: str) -> bool:
+    try:
+        return proc.environ().get(CLUSTER_ID_ENV) == cluster_id
+    except (psutil.Error, OSError):
+        return False
+
+
+def _cluster_processes(cluster_id: str) -> list[psutil.Process]:
+    """Every live process that inherited this cluster's id (Ray workers and job drivers included)."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid != me and _carries_cluster_id(proc, cluster_id):
+            found.append(proc)
+    return found
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+def _owned_group(pgid: int | None, cluster_id: str) -> list[psutil.Process]:
+    """Members of a process group we started, or [] when the group is gone (or was reused)."""
+    if not pgid:
+        return []
+    members = _group_members(pgid)
+    if any(_carries_cluster_id(proc, cluster_id) for proc in members):
+        return members
+    return []
+
+
+def _terminate(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL whatever is left."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _stop_processes(state: dict[str, Any]) -> list[str]:
+    """Stop the Ray head and MLflow server of ``state``; returns what was stopped."""
+    cluster_id = state["cluster_id"]
+    stopped = []
+    ray_pid = state["pids"].get("ray")
+    ray_group = _owned_group(ray_pid, cluster_id)
+    if ray_group:
+        # The `ray start --block` leader drains and stops its node on SIGTERM.
+        leader = [proc for proc in ray_group if proc.pid == ray_pid]
+        _terminate(leader or ray_group, grace=40.0)
+        _terminate(_owned_group(ray_pid, cluster_id), grace=5.0)
+        stopped.append("ray")
+    mlflow_group = _owned_group(state["pids"].get("mlflow"), cluster_id)
+    if mlflow_group:
+        _terminate(mlflow_group, grace=10.0)
+        stopped.append("mlflow")
+    leftovers = _cluster_processes(cluster_id)
+    if leftovers:
+        logger.info("stopping %d leftover process(es) of cluster %s", len(leftovers), cluster_id)
+        _terminate(leftovers, grace=5.0)
+    temp_dir = state.get("ray", {}).get("temp_dir")
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return stopped
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group: stopped by id, survives our exit
+        )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def cluster_status(state_dir: str | Path | None = None) -> dict[str, Any]:
+    """Each service's health, checked by a real request.
+
+    Returns ``{"state_file", "running", "services": {"ray", "jobs", "mlflow"}}``
+    where each service is ``{"up": bool, "address"|"url": str, "detail": str}``:
+    ``ray`` = GCS port open and the dashboard's GCS health check passes,
+    ``jobs`` = the job server lists jobs with the cluster's token,
+    ``mlflow`` = the tracking server's ``/health`` answers. ``running`` is true
+    when all three are up. With no state file every service is down.
+    """
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+    state = read_state(state_dir)
+    result: dict[str, Any] = {"state_file": str(state_path(state_dir)), "running": False, "services": {}}
+    if state is None:
+        for name in ("ray", "jobs", "mlflow"):
+            result["services"][name] = {"up": False, "detail": "no cluster state (not started)"}
+        return result
+
+    token = None
+    with contextlib.suppress(OSError):
+        token = Path(state["token_file"]).read_text().strip()
+    dashboard = state["dashboard_url"]
+    services = result["services"]
+
+    gcs_host, _, gcs_port = state["ray_address"].rpartition(":")
+    gcs_open = _tcp_open(gcs_host, int(gcs_port))
+    code, body = _http_get(f"{dashboard}/api/gcs_healthz")
+    ray_up = gcs_open and code == 200
+    detail = "ok" if ray_up else ("GCS port closed; " if not gcs_open else "") + f"gcs_healthz: {code or body}"
+    services["ray"] = {"up": ray_up, "address": state["ray_address"], "detail": detail}
+
+    code, body = _http_get(f"{dashboard}/api/jobs/", token=token)
+    services["jobs"] = {
+        "up": code == 200,
+        "url": dashboard,
+        "detail": "ok" if code == 200 else f"{code or ''} {body.strip()[:200]}".strip(),
+    }
+
+    mlflow_uri = state["mlflow_tracking_uri"]
+    code, body = _http_get(f"{mlflow_uri}/health")
+    services["mlflow"] = {
+        "up": code == 200,
+        "url": mlflow_uri,
+        "detail": "ok" if code == 200 else f"{code or ''} {body.strip()[:200]}".strip(),
+    }
+    result["running"] = all(service["up"] for service in services.values())
+    result["pids"] = state["pids"]
+    result["token_file"] = state["token_file"]
+    return result
+
+
+def cluster_up(
+    state_dir: str | Path | None = None,
+    *,
+    ray_port: int | None = None,
+    dashboard_port: int | None = None,
+    mlflow_port: int | None = None,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    object_store_memory: int | None = None,
+    timeout: float = 180.0,
+) -> dict[str, Any]:
+    """Start a local Ray head (token auth on) and an MLflow server; idempotent.
+
+    Args:
+        state_dir: where the state file, token file, logs, MLflow store and
+            artifacts live; default ``default_state_dir()``.
+        ray_port: GCS port; free port when None (never assumes 6379 is free).
+        dashboard_port: dashboard and job-server port; free port when None.
+        mlflow_port: tracking-server port; free port when None.
+        num_cpus, num_gpus, object_store_memory: passed to ``ray start``;
+            None lets Ray detect them.
+        timeout: seconds to wait for all services to answer.
+
+    Returns:
+        The state (``ray_address``, ``dashboard_url``, ``mlflow_tracking_uri``,
+        ``token_file``, ``pids``, ``ports``, ``logs``, ``env``: the variables a
+        shell should export to use this cluster) plus ``already_running``: True
+        when a healthy cluster was found and nothing changed. A state whose
+        services are not all up is stopped and replaced by a fresh cluster.
+    """
+    state_dir = (Path(state_dir) if state_dir is not None else default_state_dir()).resolve()
+    with _locked(state_dir):
+        previous = read_state(state_dir)
+        if previous is not None:
+            status = cluster_status(state_dir)
+            if status["running"]:
+                return {**previous, "already_running": True}
+            down = [name for name, service in status["services"].items() if not service["up"]]
+            logger.warning("cluster state in %s is stale (%s down); cleaning up and starting fresh", state_dir, ", ".join(down))
+            _stop_processes(previous)
+            state_path(state_dir).unlink(missing_ok=True)
+        state = _start(state_dir, ray_port, dashboard_port, mlflow_port, num_cpus, num_gpus, object_store_memory, timeout)
+        return {**state, "already_running": False}
+
+
+def _start(
+    state_dir: Path,
+    ray_port: int | None,
+    dashboard_port: int | None,
+    mlflow_port: int | None,
+    num_cpus: int | None,
+    num_gpus: int | None,
+    object_store_memory: int | None,
+    timeout: float,
+) -> dict[str, Any]:
+    requested: dict[str, int | None] = {flag: None for flag in _RAY_PORT_FLAGS}
+    requested["port"] = ray_port
+    requested["dashboard-port"] = dashboard_port
+    requested["mlflow"] = mlflow_port
+    ports = _reserve_ports(requested)
+
+    cluster_id = uuid.uuid4().hex
+    token_file = _ensure_token(state_dir)
+    temp_dir = _ray_temp_dir(state_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    mlflow_dir = state_dir / "mlflow"
+    (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    logs = {"ray": str(state_dir / "ray.log"), "mlflow": str(state_dir / "mlflow.log")}
+    dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    mlflow_uri = f"http://127.0.0.1:{ports['mlflow']}"
+
+    env = dict(os.environ)
+    for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(name, None)  # the token file is the one source of the token
+    env.update(
+        {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            CLUSTER_ID_ENV: cluster_id,
+            # `python` in job entrypoints resolves to this venv's interpreter.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            # Jobs and Ray Train workers log to this cluster's tracking server by default.
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+        }
+    )
+
+    ray_cmd = [
+        _executable("ray"), "start", "--head", "--block",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        # 0/0: workers bind random free ports instead of the fixed 10002-19999 range.
+        "--min-worker-port=0", "--max-worker-port=0",
+    ]  # fmt: skip
+    ray_cmd += [f"--{flag}={ports[flag]}" for flag in _RAY_PORT_FLAGS]
+    if num_cpus is not None:
+        ray_cmd.append(f"--num-cpus={num_cpus}")
+    if num_gpus is not None:
+        ray_cmd.append(f"--num-gpus={num_gpus}")
+    if object_store_memory is not None:
+        ray_cmd.append(f"--object-store-memory={object_store_memory}")
+
+    mlflow_cmd = [
+        _executable("mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination", str(mlflow_dir / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
+    ]  # fmt: skip
+
+    ray_proc = _spawn(ray_cmd, env, Path(logs["ray"]))
+    mlflow_proc = _spawn(mlflow_cmd, env, Path(logs["mlflow"]))
+    state: dict[str, Any] = {
+        "version": STATE_VERSION,
+        "cluster_id": cluster_id,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "state_dir": str(state_dir),
+        "auth_mode": "token",
+        "token_file": str(token_file),
+        "ray_address": f"127.0.0.1:{ports['port']}",
+        "dashboard_url": dashboard_url,
+        "mlflow_tracking_uri": mlflow_uri,
+        "pids": {"ray": ray_proc.pid, "mlflow": mlflow_proc.pid},
+        "ports": ports,
+        "logs": logs,
+        "ray": {"temp_dir": str(temp_dir)},
+        "mlflow": {"backend_store_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}", "artifacts": str(mlflow_dir / "artifacts")},
+        "env": {
+            "RAY_ADDRESS": dashboard_url,
+            "RAY_AUTH_TOKEN_PATH": str(token_file),
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+        },
+    }
+    # Written before waiting, so that `cluster down` can clean up a start that hangs.
+    write_state(state_dir, state)
+
+    try:
+        _wait_until_up(state_dir, state, {"ray": ray_proc, "mlflow": mlflow_proc}, timeout)
+    except BaseException:
+        _stop_processes(state)
+        state_path(state_dir).unlink(missing_ok=True)
+        raise
+    # Ray records the GCS address it actually advertises (the node's IP) in its temp dir.
+    advertised = temp_dir / "ray_current_cluster"
+    if advertised.exists() and advertised.read_text().strip():
+        state["ray_address"] = advertised.read_text().strip()
+        write_state(state_dir, state)
+    return state
+
+
+def _wait_until_up(state_dir: Path, state: dict[str, Any], procs: dict[str, subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise ClusterError(
+                    f"{name} exited with code {proc.returncode} while starting; last lines of {state['logs'][name]}:\n"
+                    + _tail(state["logs"][name])
+                )
+        status = cluster_status(state_dir)
+        if status["running"]:
+            return
+        if time.monotonic() > deadline:
+            down = {name: service["detail"] for name, service in status["services"].items() if not service["up"]}
+            raise ClusterError(f"services not up after {timeout:.0f}s: {down}; see the logs in {state_dir}")
+        time.sleep(0.5)
+
+
+def cluster_down(state_dir: str | Path | None = None) -> dict[str, Any]:
+    """Stop the Ray head and MLflow server and remove the state file; idempotent.
+
+    Returns ``{"was_running": bool, "stopped": [service names]}``; with no state
+    file nothing is touched and ``was_running`` is False. The token file, the
+    MLflow store and the logs stay in ``state_dir`` for the next ``cluster_up``.
+    """
+    state_dir = (Path(state_dir) if state_dir is not None else default_state_dir()).resolve()
+    with _locked(state_dir):
+        state = read_state(state_dir)
+        if state is None:
+            return {"was_running": False, "stopped": []}
+        stopped = _stop_processes(state)
+        state_path(state_dir).unlink(missing_ok=True)
+        return {"was_running": bool(stopped), "stopped": stopped}
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A few lines for a terminal: one per service, then the state file."""
+    lines = []
+    for name, service in status["services"].items():
+        where = service.get("address") or service.get("url") or ""
+        lines.append(f"{name:<7} {'up' if service['up'] else 'DOWN':<5} {where:<28} {'' if service['up'] else service['detail']}".rstrip())
+    lines.append(f"state   {status['state_file']}")
+    return "\n".join(lines)
+

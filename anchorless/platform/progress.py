@@ -1,0 +1,126 @@
+"""Training progress on the driver: rank 0 sends, the driver draws a tqdm bar.
+
+Ray Train V2 calls its user callbacks in the controller actor and only when every
+rank reports (once per epoch here), so per-step progress travels another way: rank 0
+puts small dicts on a ``ray.util.queue.Queue`` and a thread on the driver drains it
+into one bar (step, epoch, images/s, loss terms, ETA) and one line per evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+# Shown in the bar, in this order, when present.
+_SHOWN_METRICS = ("AP", "AP50", "duplicate_rate")
+
+
+def create_queue() -> Any:
+    """The queue actor; no CPU reserved so it never competes with training workers."""
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
+
+
+class ProgressSender:
+    """Rank 0's end: never blocks training for long and never raises."""
+
+    def __init__(self, queue: Any | None) -> None:
+        self.queue = queue
+
+    def send(self, kind: str, **fields: Any) -> None:
+        if self.queue is None:
+            return
+        try:
+            self.queue.put_nowait({"kind": kind, **fields})
+        except Exception as exc:  # the driver may be gone; progress is not worth a failure
+            log.debug("progress dropped: %s", exc)
+            self.queue = None
+
+
+def format_losses(losses: dict[str, float]) -> str:
+    return " ".join(f"{name.removeprefix('loss_')}={value:.3f}" for name, value in losses.items())
+
+
+class ProgressDisplay:
+    """The driver's end: a context manager running the draining thread."""
+
+    def __init__(self, queue: Any, *, total_steps: int, epochs: int, enabled: bool = True) -> None:
+        self.queue = queue
+        self.total_steps = total_steps
+        self.epochs = epochs
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="anchorless-progress", daemon=True)
+        self._bar: tqdm | None = None
+        self.last_evaluation: dict[str, Any] | None = None
+
+    def __enter__(self) -> "ProgressDisplay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._drain()
+        if self._bar is not None:
+            self._bar.close()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                item = self.queue.get(block=True, timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue actor died with the cluster: nothing more to show
+                return
+            self._show(item)
+
+    def _drain(self) -> None:
+        try:
+            while not self.queue.empty():
+                self._show(self.queue.get_nowait())
+        except Exception:
+            pass
+
+    def _show(self, item: dict[str, Any]) -> None:
+        if not self.enabled:
+            if item.get("kind") == "evaluation":
+                self.last_evaluation = item
+            return
+        kind = item.get("kind")
+        if kind == "start":
+            self._bar = tqdm(
+                total=self.total_steps,
+                initial=item.get("step", 0),
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                leave=True,
+            )
+            if item.get("resumed"):
+                self._bar.write(f"resumed at epoch {item['epoch']}, step {item['step']}")
+        elif kind == "step" and self._bar is not None:
+            self._bar.n = item["step"]
+            self._bar.set_description(f"epoch {item['epoch']}/{self.epochs}", refresh=False)
+            self._bar.set_postfix_str(
+                f"{format_losses(item['losses'])} lr={item['lr']:.2e} {item['images_per_s']:.1f} img/s", refresh=False
+            )
+            self._bar.refresh()
+        elif kind == "evaluation":
+            self.last_evaluation = item
+            shown = " ".join(f"{key}={item['metrics'][key]:.3f}" for key in _SHOWN_METRICS if key in item["metrics"])
+            line = f"epoch {item['epoch']}/{self.epochs} step {item['step']}: {shown}"
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
+        elif kind == "message":
+            (self._bar.write if self._bar is not None else print)(item["text"])

@@ -1,0 +1,279 @@
+"""The loop every Ray Train worker runs: DeepSpeed steps, evaluation, checkpoints, resume.
+
+``train_loop_per_worker`` is what :func:`anchorless.platform.train.train` hands to the
+``TorchTrainer``. Per epoch each rank streams its equal share of the train split, and
+at each checkpoint epoch all ranks predict their part of the validation split, rank 0
+scores the gathered predictions with pycocotools, every rank writes its part of the
+DeepSpeed checkpoint and all report it to Ray Train. On a (re)start the latest
+reported checkpoint is loaded and training continues with the next epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from anchorless.platform.config import ExperimentConfig
+from anchorless.platform.engine import build_engine, load_engine, save_engine
+from anchorless.platform.progress import ProgressSender
+
+STATE_FILE = "anchorless_state.json"
+NUM_SAMPLE_IMAGES = 8  # validation images drawn with their detections in MLflow
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # completed epochs
+    nonfinite_steps: int = 0
+    loss_sums: dict[str, float] = field(default_factory=dict)
+    micro_steps: int = 0
+
+    def add(self, losses: dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + value
+        self.micro_steps += 1
+
+    def epoch_losses(self) -> dict[str, float]:
+        return {name: total / max(1, self.micro_steps) for name, total in self.loss_sums.items()}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = ExperimentConfig.model_validate(config["cfg"])
+    plan: dict[str, Any] = config["plan"]
+    training = cfg.training
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(training.torch_threads or training.cpus_per_worker)
+    torch.manual_seed(training.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
+    device = ray.train.torch.get_device()
+
+    from anchorless.detectors import build_detector
+    from anchorless.platform.data import iter_batches_for_steps
+
+    engine, scheduler = build_engine(
+        build_detector(cfg.detector).to(device), plan["deepspeed_config"], training.schedule, plan["total_steps"]
+    )
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            saved = load_engine(engine, checkpoint_dir)
+        state.epoch, state.nonfinite_steps = saved["epoch"], saved.get("nonfinite_steps", 0)
+
+    tracker = progress = None
+    if rank == 0:
+        from anchorless.platform.tracking import Tracker
+
+        tracker = Tracker.attach(cfg, plan["run_id"], plan["tracking_uri"])
+        progress = ProgressSender(plan.get("progress_queue"))
+        progress.send("start", epoch=state.epoch, step=engine.global_steps, resumed=checkpoint is not None)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    images_per_step = cfg.data.batch_size * world_size
+    for epoch in range(state.epoch, training.epochs):
+        state.loss_sums, state.micro_steps = {}, 0
+        epoch_start = window_start = time.perf_counter()
+        window_steps = 0
+        for images, targets, _ in iter_batches_for_steps(
+            train_shard,
+            batch_size=cfg.data.batch_size,
+            steps=plan["micro_steps_per_epoch"],  # the same on every rank
+            device=device,
+            prefetch_batches=cfg.data.prefetch_batches,
+        ):
+            losses = engine(images, targets)
+            averaged = _mean_over_ranks(losses)
+            step = engine.global_steps + 1
+            bad = [name for name, value in averaged.items() if not math.isfinite(value)]
+            if bad:
+                message = _nonfinite_message(bad, averaged, step=step, epoch=epoch + 1)
+                if training.on_nonfinite == "stop":
+                    ray.train.report({"stopped": "nonfinite", "message": message, "step": step, "epoch": epoch})
+                    return
+                state.nonfinite_steps += 1
+                engine.zero_grad()
+                continue
+            engine.backward(losses["loss"])
+            engine.step()
+            state.add(averaged)
+            window_steps += 1
+            _maybe_inject_fault(plan.get("fault"), rank=rank, step=engine.global_steps)
+            if rank == 0 and engine.is_gradient_accumulation_boundary() and engine.global_steps % training.log_every_steps == 0:
+                now = time.perf_counter()
+                speed = window_steps * images_per_step / (now - window_start)
+                window_start, window_steps = now, 0
+                lr = scheduler.get_last_lr()[0]
+                progress.send("step", epoch=epoch + 1, step=engine.global_steps, losses=averaged, lr=lr, images_per_s=speed)
+                tracker.log_metrics({**averaged, "lr": lr, "images_per_s": speed}, step=engine.global_steps)
+            if cfg.evaluation.every_steps and engine.global_steps % cfg.evaluation.every_steps == 0:
+                ray.train.report(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
+
+        train_seconds = time.perf_counter() - epoch_start
+        state.epoch = epoch + 1
+        metrics = {
+            "epoch": state.epoch,
+            "step": engine.global_steps,
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_s": state.micro_steps * images_per_step / max(train_seconds, 1e-9),
+            "nonfinite_steps": state.nonfinite_steps,
+            **state.epoch_losses(),
+        }
+        last = state.epoch == training.epochs
+        save = last or state.epoch % training.checkpoint.every_epochs == 0
+        if save or last or state.epoch % cfg.evaluation.every_epochs == 0:
+            # A checkpoint is always scored: Ray Train keeps the best ones by that score.
+            metrics.update(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
+        if tracker is not None:
+            tracker.log_metrics({f"epoch_{k}" if k.startswith("loss") else k: v for k, v in metrics.items()}, step=engine.global_steps)
+        if not save:
+            ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory(prefix="anchorless-ckpt-") as tmp:
+            client_state = {"epoch": state.epoch, "nonfinite_steps": state.nonfinite_steps}
+            save_engine(engine, tmp, client_state)
+            if rank == 0:
+                state_json = {**client_state, "step": engine.global_steps, "run_id": plan["run_id"], "metrics": metrics}
+                Path(tmp, STATE_FILE).write_text(json.dumps(state_json, indent=2, default=float))
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"checkpoint_epoch{state.epoch:04d}_step{engine.global_steps:07d}",
+            )
+
+
+def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each loss term averaged over ranks, in one all-reduce; every rank gets the same numbers."""
+    names = sorted(losses)
+    values = torch.stack([losses[name].detach().float().reshape(()) for name in names]).cpu()  # (T,)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(names, values.tolist()))
+
+
+def _nonfinite_message(bad: list[str], averaged: dict[str, float], *, step: int, epoch: int) -> str:
+    # `loss` is the sum, so it is bad whenever a term is; name the terms when they are known.
+    terms = [name for name in bad if name != "loss"] or bad
+    values = ", ".join(f"{name}={averaged[name]}" for name in terms)
+    return (
+        f"non-finite loss at step {step} (epoch {epoch}): {values}; the last good checkpoint is kept. "
+        "Lower training.optimizer.lr, raise training.schedule.warmup_steps, or set training.on_nonfinite=skip"
+    )
+
+
+def _maybe_inject_fault(fault: dict[str, Any] | None, *, rank: int, step: int) -> None:
+    """Test hook: kill this worker process once, at the given rank and step (a marker file says "done")."""
+    if not fault or fault["rank"] != rank or fault["step"] != step:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed rank {rank} at step {step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _evaluate(
+    engine: Any,
+    val_shard: Any,
+    cfg: ExperimentConfig,
+    plan: dict[str, Any],
+    rank: int,
+    world_size: int,
+    tracker: Any,
+    progress: ProgressSender | None,
+    epoch: int,
+) -> dict[str, Any]:
+    """Predict this rank's part of the validation split; rank 0 scores all of it.
+
+    Returns the metrics on rank 0 and ``{}`` elsewhere (Ray Train keeps rank 0's).
+    """
+    if val_shard is None:
+        return {}
+    from anchorless.platform.data import to_model_inputs
+
+    model = engine.module
+    dtype = next(model.parameters()).dtype
+    predictions: list[tuple[int, float, dict[str, Any]]] = []
+    samples: list[dict[str, Any]] = []
+    for batch in val_shard.iter_batches(
+        batch_size=cfg.evaluation.batch_size, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches
+    ):
+        images, _, meta = to_model_inputs(batch, engine.device)
+        detections = model.predict(images.to(dtype))
+        for i, detection in enumerate(detections):
+            image_id, scale = int(meta["image_id"][i]), float(meta["scale"][i])
+            predictions.append((image_id, scale, {k: v.float().cpu().numpy() for k, v in detection.items()}))
+            if rank == 0 and len(samples) < NUM_SAMPLE_IMAGES:
+                samples.append({"image": batch["image"][i], "image_id": image_id, "scale": scale})
+    gathered: list[Any] = [predictions]
+    if world_size > 1:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, predictions)
+    if rank != 0:
+        return {}
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints every stage
+        return _score(engine, cfg, plan, gathered, samples, tracker, progress, epoch)
+
+
+def _score(
+    engine: Any,
+    cfg: ExperimentConfig,
+    plan: dict[str, Any],
+    gathered: list[Any],
+    samples: list[dict[str, Any]],
+    tracker: Any,
+    progress: ProgressSender | None,
+    epoch: int,
+) -> dict[str, Any]:
+    """Rank 0: COCO AP and duplicate rate of all ranks' predictions, logged to MLflow."""
+    from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
+
+    everything = [item for part in gathered for item in part]
+    image_ids = [image_id for image_id, _, _ in everything]
+    detections = [{k: torch.from_numpy(v) for k, v in detection.items()} for _, _, detection in everything]
+    results = detections_to_coco_results(
+        detections, image_ids, scales=[scale for _, scale, _ in everything], label_to_category_id=plan["label_to_category_id"]
+    )
+    coco_gt = _ground_truth(plan["val_dir"])
+    summary = coco_eval(coco_gt, results, image_ids=image_ids)
+    summary["duplicate_rate"] = duplicate_rate(
+        detections,
+        score_threshold=cfg.evaluation.duplicate_score_threshold,
+        iou_threshold=cfg.evaluation.duplicate_iou_threshold,
+    )
+    summary["num_images"] = len(image_ids)
+    metrics = {key: value for key, value in summary.items() if isinstance(value, (int, float))}
+    if tracker is not None:
+        tracker.log_metrics(metrics, step=engine.global_steps)
+        tracker.log_evaluation(summary, engine.global_steps, coco_gt, results, samples)
+    if progress is not None:
+        progress.send("evaluation", epoch=epoch + 1, step=engine.global_steps, metrics=metrics)
+    return metrics
+
+
+_GROUND_TRUTH: dict[str, dict[str, Any]] = {}
+
+
+def _ground_truth(val_dir: str) -> dict[str, Any]:
+    """The validation split's COCO ground truth, read once per worker process."""
+    if val_dir not in _GROUND_TRUTH:
+        from anchorless.platform.shards import coco_ground_truth
+
+        _GROUND_TRUTH[val_dir] = coco_ground_truth(val_dir)
+    return _GROUND_TRUTH[val_dir]

@@ -68,6 +68,11 @@ _RAY_PORT_FLAGS = (
 )
 
 
+# Services this process started, kept referenced (and reaped once stopped) so that
+# their Popen objects are not collected while the services run on.
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
 class ClusterError(AnchorlessError):
     """The local cluster cannot be started, read or stopped; the message says why."""
 
@@ -270,6 +275,10 @@ def _terminate(procs: list[psutil.Process], grace: float) -> None:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     psutil.wait_procs(alive, timeout=5)
+    for proc in procs:
+        child = _CHILDREN.pop(proc.pid, None)
+        if child is not None:
+            child.poll()
 
 
 def _stop_processes(state: dict[str, Any]) -> list[str]:
@@ -292,6 +301,10 @@ def _stop_processes(state: dict[str, Any]) -> list[str]:
     if leftovers:
         logger.info("stopping %d leftover process(es) of cluster %s", len(leftovers), cluster_id)
         _terminate(leftovers, grace=5.0)
+    for pid in state["pids"].values():
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            child.poll()
     temp_dir = state.get("ray", {}).get("temp_dir")
     if temp_dir:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -300,7 +313,7 @@ def _stop_processes(state: dict[str, Any]) -> list[str]:
 
 def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
-        return subprocess.Popen(
+        child = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -308,6 +321,8 @@ def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
             env=env,
             start_new_session=True,  # its own process group: stopped by id, survives our exit
         )
+    _CHILDREN[child.pid] = child
+    return child
 
 
 # --------------------------------------------------------------------------- public API

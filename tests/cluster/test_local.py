@@ -1,0 +1,211 @@
+"""The local cluster: a Ray head with token auth and an MLflow server, brought up and down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from anchorless.cluster import local
+from anchorless.cluster.local import (
+    ClusterError,
+    cluster_down,
+    cluster_status,
+    cluster_up,
+    read_state,
+    state_path,
+    write_state,
+)
+
+# Small enough for a shared 2-core machine; Ray's floor for the object store is 75 MiB.
+SMALL = {"num_cpus": 1, "object_store_memory": 80 * 1024**2}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fake_state(state_dir: Path) -> dict:
+    port = _closed_port()
+    return {
+        "version": local.STATE_VERSION,
+        "cluster_id": "0" * 32,
+        "state_dir": str(state_dir),
+        "token_file": str(state_dir / local.TOKEN_FILE),
+        "ray_address": f"127.0.0.1:{port}",
+        "dashboard_url": f"http://127.0.0.1:{port}",
+        "mlflow_tracking_uri": f"http://127.0.0.1:{port}",
+        "pids": {"ray": _dead_pid(), "mlflow": _dead_pid()},
+        "ray": {"temp_dir": str(state_dir / "no-such-temp-dir")},
+    }
+
+
+# --------------------------------------------------------------------------- quick
+
+
+def test_state_file_round_trips_and_a_failed_write_leaves_the_old_one_intact(tmp_path, monkeypatch):
+    write_state(tmp_path, {"version": local.STATE_VERSION, "pids": {"ray": 1}})
+    assert read_state(tmp_path) == {"version": local.STATE_VERSION, "pids": {"ray": 1}}
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(local.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_state(tmp_path, {"version": local.STATE_VERSION, "pids": {"ray": 2}})
+    assert read_state(tmp_path)["pids"] == {"ray": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [local.STATE_FILE]
+
+
+def test_corrupt_state_file_is_a_clear_error_naming_the_file(tmp_path):
+    state_path(tmp_path).write_text("{not json")
+    with pytest.raises(ClusterError, match=rf"{state_path(tmp_path)}: not valid JSON .*remove it"):
+        read_state(tmp_path)
+
+
+def test_status_and_down_without_a_state_file_report_nothing_running(tmp_path):
+    status = cluster_status(tmp_path)
+    assert status["running"] is False
+    assert {name: s["up"] for name, s in status["services"].items()} == {"ray": False, "jobs": False, "mlflow": False}
+    assert cluster_down(tmp_path) == {"was_running": False, "stopped": []}
+
+
+def test_stale_state_with_dead_processes_reads_as_down_and_down_removes_it(tmp_path):
+    write_state(tmp_path, _fake_state(tmp_path))
+    status = cluster_status(tmp_path)
+    assert status["running"] is False
+    assert not any(s["up"] for s in status["services"].values())
+    assert cluster_down(tmp_path) == {"was_running": False, "stopped": []}
+    assert not state_path(tmp_path).exists()
+
+
+def test_a_requested_port_in_use_is_refused_before_anything_starts(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ClusterError, match=rf"port {port} is already in use"):
+            cluster_up(tmp_path, dashboard_port=port)
+    assert not state_path(tmp_path).exists()
+    assert not (tmp_path / "ray.log").exists()
+
+
+def test_reserved_ports_are_distinct_and_free():
+    ports = local._reserve_ports({name: None for name in (*local._RAY_PORT_FLAGS, "mlflow")})
+    assert len(set(ports.values())) == len(ports) == len(local._RAY_PORT_FLAGS) + 1
+    for port in ports.values():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+# --------------------------------------------------------------------------- slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("local-cluster")
+    state = cluster_up(state_dir, **SMALL)
+    yield state
+    cluster_down(state_dir)
+
+
+def _listen_addresses(port: int) -> set[str]:
+    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+def _get(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.slow
+def test_up_starts_ray_the_job_server_and_mlflow_all_answering(cluster):
+    assert cluster["already_running"] is False
+    status = cluster_status(cluster["state_dir"])
+    assert status["running"] is True, status
+    assert {name: s["up"] for name, s in status["services"].items()} == {"ray": True, "jobs": True, "mlflow": True}
+    assert json.loads(state_path(cluster["state_dir"]).read_text())["pids"] == cluster["pids"]
+    assert cluster["env"]["RAY_ADDRESS"] == cluster["dashboard_url"]
+
+
+@pytest.mark.slow
+def test_dashboard_and_mlflow_listen_on_loopback_only(cluster):
+    assert _listen_addresses(cluster["ports"]["dashboard-port"]) == {"127.0.0.1"}
+    assert _listen_addresses(cluster["ports"]["mlflow"]) == {"127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_job_server_requires_the_token_written_to_a_private_file(cluster):
+    token_file = Path(cluster["token_file"])
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) == 64
+    jobs_url = f"{cluster['dashboard_url']}/api/jobs/"
+    assert _get(jobs_url) == 401
+    assert _get(jobs_url, token="not-the-token") == 403
+    assert _get(jobs_url, token=token) == 200
+
+
+@pytest.mark.slow
+def test_second_up_reports_the_running_cluster_and_changes_nothing(cluster):
+    before = state_path(cluster["state_dir"]).read_bytes()
+    again = cluster_up(cluster["state_dir"], **SMALL)
+    assert again["already_running"] is True
+    assert again["pids"] == cluster["pids"] and again["ports"] == cluster["ports"]
+    assert state_path(cluster["state_dir"]).read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_cluster_with_a_dead_service_is_cleaned_and_brought_up_fresh(cluster):
+    state_dir = cluster["state_dir"]
+    old = read_state(state_dir)
+    os.killpg(old["pids"]["mlflow"], signal.SIGKILL)  # a process group this module's cluster started
+    psutil.wait_procs([psutil.Process(old["pids"]["mlflow"])], timeout=10)
+    status = cluster_status(state_dir)
+    assert status["services"]["mlflow"]["up"] is False and status["running"] is False
+
+    fresh = cluster_up(state_dir, **SMALL)
+    assert fresh["already_running"] is False
+    assert fresh["cluster_id"] != old["cluster_id"]
+    assert set(fresh["pids"].values()).isdisjoint(old["pids"].values())
+    assert local._cluster_processes(old["cluster_id"]) == []
+    assert cluster_status(state_dir)["running"] is True
+    assert Path(fresh["token_file"]).read_text() == Path(old["token_file"]).read_text()  # clients keep working
+    cluster.update(fresh)
+
+
+@pytest.mark.slow
+def test_down_leaves_no_process_and_no_state_file_and_is_idempotent(cluster):
+    state_dir = cluster["state_dir"]
+    state = read_state(state_dir)
+    assert len(local._cluster_processes(state["cluster_id"])) >= 4  # ray start, GCS, raylet, dashboard, mlflow...
+
+    result = cluster_down(state_dir)
+    assert result == {"was_running": True, "stopped": ["ray", "mlflow"]}
+    assert local._cluster_processes(state["cluster_id"]) == []
+    assert not any(psutil.pid_exists(pid) for pid in state["pids"].values())
+    assert not state_path(state_dir).exists()
+    assert not Path(state["ray"]["temp_dir"]).exists()
+    assert _listen_addresses(state["ports"]["dashboard-port"]) == set()
+    assert cluster_status(state_dir)["running"] is False
+    assert cluster_down(state_dir) == {"was_running": False, "stopped": []}

@@ -1,0 +1,84 @@
+"""Fixtures for the data path: tiny COCO data sets on disk, BCCD, a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bccd_root() -> Path:
+    """BCCD beside the repository (or $ANCHORLESS_BCCD)."""
+    return Path(os.environ.get("ANCHORLESS_BCCD", REPO / ".." / "shared" / "datasets" / "bccd"))
+
+
+@pytest.fixture(scope="session")
+def bccd() -> Path:
+    root = bccd_root()
+    if not (root / "annotations" / "instances_train.json").is_file():
+        pytest.skip(f"BCCD not found at {root} (set ANCHORLESS_BCCD)")
+    return root
+
+
+def write_jpeg(path: Path, width: int, height: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+CocoFactory = Callable[..., tuple[Path, Path]]
+
+
+@pytest.fixture
+def make_coco(tmp_path: Path) -> CocoFactory:
+    """Write a small valid COCO data set, then let a test break one thing.
+
+    ``make_coco(edit=fn)`` calls ``fn(coco_dict)`` before writing the JSON;
+    returns ``(annotations_json, image_root)``. Three 40x30 images (ids 1..3),
+    categories with COCO ids 7 and 3, four boxes; image 3 has none.
+    """
+
+    def factory(edit: Callable[[dict[str, Any]], None] | None = None, *, size: tuple[int, int] = (40, 30)) -> tuple[Path, Path]:
+        width, height = size
+        root = tmp_path / "data"
+        images = root / "images"
+        coco: dict[str, Any] = {
+            "images": [
+                {"id": i, "file_name": f"img_{i}.jpg", "width": width, "height": height} for i in (1, 2, 3)
+            ],
+            "annotations": [
+                {"id": 10, "image_id": 1, "category_id": 7, "bbox": [2, 3, 10, 8], "area": 80, "iscrowd": 0},
+                {"id": 11, "image_id": 1, "category_id": 3, "bbox": [20, 5, 15, 20], "area": 250, "iscrowd": 0},
+                {"id": 12, "image_id": 2, "category_id": 3, "bbox": [0, 0, 40, 30], "area": 1000, "iscrowd": 1},
+                {"id": 13, "image_id": 2, "category_id": 7, "bbox": [5.5, 6.25, 4.5, 3.75], "iscrowd": 0},
+            ],
+            "categories": [{"id": 7, "name": "seven"}, {"id": 3, "name": "three"}],
+        }
+        for image in coco["images"]:
+            write_jpeg(images / image["file_name"], width, height, seed=image["id"])
+        if edit is not None:
+            edit(coco)
+        annotations = root / "instances.json"
+        annotations.write_text(json.dumps(coco))
+        return annotations, images
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for the whole session, shut down at the end."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

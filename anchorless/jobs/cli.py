@@ -30,7 +30,10 @@ def _print_json_line(summary: dict[str, Any]) -> None:
 def _config_show(args: argparse.Namespace) -> int:
     from anchorless.platform.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no file given: the first word is an override
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
     print(cfg.to_yaml(), end="")
     return 0
 

@@ -23,12 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from anchorless.platform.errors import AnchorlessError
 
 
+DEFAULT_DETECTOR = "onenet"
+
+
 class ConfigError(AnchorlessError, ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf stays a float through dumps (FCOS's last size range is unbounded), YAML writes `.inf`.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
 
 
 class AugmentConfig(_Section):
@@ -160,7 +164,7 @@ class ExperimentConfig(_Section):
     name: str = "experiment"
     workspace: str = Field("workspace", description="runs, checkpoints and the local MLflow store")
     data: DataConfig = DataConfig()
-    detector: dict[str, Any] = Field(default_factory=lambda: {"name": "onenet"})
+    detector: dict[str, Any] = Field(default_factory=lambda: {"name": DEFAULT_DETECTOR}, validate_default=True)
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -187,10 +191,10 @@ def resolve_detector_config(value: Mapping[str, Any]) -> dict[str, Any]:
     """Merge a detector section onto the detector's own defaults; unknown keys are errors."""
     from anchorless.detectors import DETECTORS, default_detector_config
 
-    name = value.get("name")
+    name = value.get("name", DEFAULT_DETECTOR)
     if name not in DETECTORS:
         raise ValueError(f"detector.name: unknown detector {name!r}; expected one of {', '.join(sorted(DETECTORS))}")
-    return _merge_strict(default_detector_config(name), value, "detector")
+    return _merge_strict(default_detector_config(name), {**value, "name": name}, "detector")
 
 
 def _merge_strict(defaults: dict[str, Any], value: Mapping[str, Any], path: str) -> dict[str, Any]:

@@ -1,0 +1,206 @@
+"""The Ray Data pipeline: decoded fixed-shape rows, model inputs, equal steps on every rank."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from anchorless.platform.config import AugmentConfig, DataConfig
+from anchorless.platform.data import (
+    decode_and_transform,
+    iter_batches_for_steps,
+    steps_per_epoch,
+    to_model_inputs,
+)
+from anchorless.platform.shards import coco_ground_truth, write_shards
+
+
+@pytest.fixture
+def shard_table(tmp_path, make_coco):
+    annotations, images = make_coco()
+    manifest = write_shards(annotations, images, tmp_path / "out", progress=False)
+    return pq.read_table(tmp_path / "out" / manifest["shards"][0]["file"])
+
+
+def _decode(table, *, augment=None, max_boxes=8, size=64, seed=0, epoch=0):
+    return decode_and_transform(
+        table, image_size=size, max_boxes=max_boxes, augment=augment, seed=seed, epoch=epoch
+    )
+
+
+def test_eval_rows_are_letterboxed_with_padded_targets_and_a_scale_back_to_original(shard_table) -> None:
+    out = _decode(shard_table)
+    assert out["image"].shape == (3, 3, 64, 64) and out["image"].dtype == np.uint8
+    assert out["boxes"].shape == (3, 8, 4) and out["boxes"].dtype == np.float32
+    assert out["labels"].shape == (3, 8) and out["labels"].dtype == np.int64
+    assert out["image_id"].tolist() == [1, 2, 3]
+    assert out["orig_width"].tolist() == [40] * 3 and out["orig_height"].tolist() == [30] * 3
+    np.testing.assert_allclose(out["scale"], 64 / 40)
+    # image 1: two boxes; image 2: its crowd box is left out of targets; image 3: none
+    assert out["num_boxes"].tolist() == [2, 1, 0]
+    assert out["labels"][0].tolist() == [1, 0, -1, -1, -1, -1, -1, -1]
+    assert out["labels"][2].tolist() == [-1] * 8
+    np.testing.assert_allclose(out["boxes"][0, :2] / out["scale"][0], [[2, 3, 12, 11], [20, 5, 35, 25]], atol=0.5)
+    np.testing.assert_allclose(out["boxes"][1, 0] / out["scale"][1], [5.5, 6.25, 10, 10], atol=0.5)
+    assert not out["boxes"][0, 2:].any()
+
+
+def test_boxes_over_the_cap_are_dropped_and_counted(shard_table) -> None:
+    out = _decode(shard_table, max_boxes=1)
+    assert out["num_boxes"].tolist() == [1, 1, 0]
+    assert out["num_boxes_capped"].tolist() == [1, 0, 0]
+
+
+def test_augmentation_repeats_for_the_same_seed_and_epoch_and_changes_with_the_epoch(shard_table) -> None:
+    augment = AugmentConfig(crop_prob=0.5).model_dump()
+    first = _decode(shard_table, augment=augment, epoch=0)
+    again = _decode(shard_table, augment=augment, epoch=0)
+    next_epoch = _decode(shard_table, augment=augment, epoch=1)
+    other_seed = _decode(shard_table, augment=augment, seed=1, epoch=0)
+    for key in ("image", "boxes", "labels", "scale"):
+        np.testing.assert_array_equal(first[key], again[key])
+    assert not np.array_equal(first["image"], next_epoch["image"])
+    assert not np.array_equal(first["image"], other_seed["image"])
+    assert next_epoch["epoch"].tolist() == [1, 1, 1]
+
+
+def test_model_inputs_are_unit_float_images_and_unpadded_targets(shard_table) -> None:
+    out = _decode(shard_table)
+    images, targets, meta = to_model_inputs(out, "cpu")
+    assert images.dtype == torch.float32 and images.shape == (3, 3, 64, 64)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    torch.testing.assert_close(images[0], torch.from_numpy(out["image"][0]).float() / 255)
+    assert [len(t["labels"]) for t in targets] == [2, 1, 0]
+    assert targets[0]["labels"].dtype == torch.int64 and targets[0]["boxes"].shape == (2, 4)
+    assert meta["image_id"].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "num_images, world_size, batch_size, steps", [(23, 2, 4, 2), (205, 2, 8, 12), (7, 3, 2, 1), (5, 2, 4, 0)]
+)
+def test_steps_per_epoch_is_what_every_rank_can_run(num_images, world_size, batch_size, steps) -> None:
+    assert steps_per_epoch(num_images, world_size, batch_size) == steps
+
+
+class _FakeIterator:
+    def __init__(self, num_batches: int) -> None:
+        self.num_batches = num_batches
+        self.consumed = 0
+
+    def iter_batches(self, **kwargs):
+        assert kwargs["drop_last"] is True
+        for index in range(self.num_batches):
+            self.consumed += 1
+            yield {
+                "image": np.zeros((2, 3, 32, 32), np.uint8),
+                "boxes": np.zeros((2, 4, 4), np.float32),
+                "labels": np.full((2, 4), -1),
+                "num_boxes": np.zeros(2, np.int32),
+                "num_boxes_capped": np.array([index, 0], np.int32),
+                "image_id": np.array([2 * index, 2 * index + 1]),
+            }
+
+
+def test_iteration_yields_exactly_the_planned_steps_and_drains_the_epoch() -> None:
+    fake = _FakeIterator(5)
+    assert len(list(iter_batches_for_steps(fake, batch_size=2, steps=3))) == 3
+    assert fake.consumed == 5  # drained, so Ray sees the epoch finish
+    with pytest.raises(RuntimeError, match="data ran out after 2 of 3 planned steps"):
+        list(iter_batches_for_steps(_FakeIterator(2), batch_size=2, steps=3))
+
+
+# --- with Ray ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synth_shards(tmp_path_factory) -> tuple[Path, dict]:
+    """23 training images (an odd count) of 64 px shapes, sharded."""
+    from anchorless.platform.synth import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("synth")
+    files = generate_synthetic_coco(root / "coco", num_images=29, size=64, seed=3, progress=False)
+    manifest = write_shards(files["train"], root / "coco" / "images", root / "shards", progress=False)
+    assert manifest["num_images"] == 23
+    return root / "shards", manifest
+
+
+@pytest.mark.slow
+def test_ray_dataset_streams_every_image_once_with_targets_matching_the_ground_truth(ray_local, synth_shards) -> None:
+    from anchorless.platform.data import build_dataset
+
+    shard_dir, manifest = synth_shards
+    cfg = DataConfig(image_size=64, batch_size=4, max_boxes=10)
+    rows = {}
+    for batch in build_dataset(shard_dir, cfg, train=False, block_rows=4).iter_batches(batch_size=5, batch_format="numpy"):
+        for i, image_id in enumerate(batch["image_id"].tolist()):
+            rows[image_id] = {key: value[i] for key, value in batch.items()}
+    truth = coco_ground_truth(shard_dir)
+    assert sorted(rows) == sorted(image["id"] for image in truth["images"])
+    label_of = {c["coco_id"]: c["label"] for c in manifest["categories"]}
+    for image_id, row in rows.items():
+        expected = [a for a in truth["annotations"] if a["image_id"] == image_id]
+        assert row["num_boxes"] == len(expected)
+        xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in expected)]).reshape(-1, 4)
+        np.testing.assert_allclose(row["boxes"][: len(expected)] / row["scale"], xyxy, atol=0.5)
+        assert row["labels"][: len(expected)].tolist() == [label_of[a["category_id"]] for a in expected]
+
+    augmented = next(iter(build_dataset(shard_dir, cfg, train=True, block_rows=4).iter_batches(batch_size=23)))
+    assert augmented["image"].shape == (23, 3, 64, 64)
+    same = [np.array_equal(augmented["image"][i], rows[image_id]["image"]) for i, image_id in enumerate(augmented["image_id"])]
+    assert not all(same)  # training rows are augmented
+
+
+def _report_batches(config: dict) -> None:
+    """Ray Train loop: record each epoch's batches, image ids and Ray Data epoch on this rank."""
+    import ray.train
+
+    from anchorless.platform.config import DataConfig
+    from anchorless.platform.data import iter_train_batches
+
+    cfg = DataConfig(**config["data"])
+    record = []
+    for _ in range(2):
+        batches, ids, epochs = 0, [], set()
+        for images, targets, meta in iter_train_batches(cfg, num_images=config["num_images"]):
+            assert images.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+            assert len(targets) == cfg.batch_size
+            batches += 1
+            ids += meta["image_id"].tolist()
+            epochs |= set(meta["epoch"].tolist())
+        record.append({"batches": batches, "ids": ids, "epochs": sorted(epochs)})
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_two_train_workers_run_the_same_number_of_batches_on_an_odd_image_count(ray_local, synth_shards, tmp_path) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from anchorless.platform.data import build_dataset
+
+    shard_dir, manifest = synth_shards
+    cfg = DataConfig(image_size=64, batch_size=4)
+    trainer = TorchTrainer(
+        _report_batches,
+        train_loop_config={"data": cfg.model_dump(), "num_images": manifest["num_images"], "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2),
+        datasets={"train": build_dataset(shard_dir, cfg, train=True, block_rows=4)},
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="equal-steps"),
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    expected = steps_per_epoch(23, 2, 4)  # 11 rows per rank -> 2 full batches
+    assert expected == 2
+    for epoch in (0, 1):
+        assert [rank[epoch]["batches"] for rank in ranks] == [expected, expected]
+        ids = [set(rank[epoch]["ids"]) for rank in ranks]
+        assert len(ids[0]) == len(ids[1]) == expected * 4 and not ids[0] & ids[1]
+    # Ray Data's execution index moved on: the second epoch draws new augmentations
+    assert [rank[0]["epochs"] for rank in ranks] == [[0], [0]]
+    assert [rank[1]["epochs"] for rank in ranks] == [[1], [1]]

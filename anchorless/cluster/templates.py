@@ -101,7 +101,8 @@ def render_template(name: str, **values: Any) -> str:
     template = _template(name)
     unknown = sorted(set(values) - set(PARAMETERS))
     if unknown:
-        raise TemplateError(f"{name}: unknown parameter(s) {', '.join(unknown)}; expected some of {', '.join(PARAMETERS)}")
+        known = ", ".join(PARAMETERS)
+        raise TemplateError(f"{name}: unknown parameter(s) {', '.join(unknown)}; expected some of {known}")
     params = template_parameters(name)
     merged = {key: values.get(key, default) for key, default in params.items()}
     missing = sorted(key for key, value in merged.items() if value is None)
@@ -155,6 +156,10 @@ def _expect(condition: bool, where: str, message: str) -> None:
         raise TemplateError(f"{where}: {message}")
 
 
+def _expect_equal(actual: Any, expected: Any, where: str, what: str) -> None:
+    _expect(actual == expected, where, f"{what} is {actual!r}, expected {expected!r}")
+
+
 def validate_rendered(name: str, text: str, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Parse a rendered template and check the fields a cluster needs; returns the YAML documents."""
     try:
@@ -170,38 +175,36 @@ def validate_rendered(name: str, text: str, params: dict[str, Any]) -> list[dict
         _validate_raycluster_spec(_get(doc, "spec", name), params, f"{name}: spec")
     elif name == "kuberay-rayjob":
         _validate_kuberay_meta(doc, "RayJob", params, name)
-        spec = _get(doc, "spec", name)
-        _expect(spec.get("entrypoint") == params["train_command"], name, f"spec.entrypoint is {spec.get('entrypoint')!r}, expected {params['train_command']!r}")
-        _expect(str(spec["entrypoint"]).startswith("anchorless train "), name, "spec.entrypoint must run `anchorless train`")
-        runtime_env = yaml.safe_load(_get(spec, "runtimeEnvYAML", name))
-        _expect(
-            _get(runtime_env, "env_vars.MLFLOW_TRACKING_URI", f"{name}: runtimeEnvYAML") == params["mlflow_tracking_uri"],
-            name,
-            "runtimeEnvYAML must set env_vars.MLFLOW_TRACKING_URI",
-        )
-        submitter = _get(spec, "submitterPodTemplate.spec.containers.0", name)
-        env = {item["name"]: item for item in submitter.get("env", [])}
-        _expect(env.get("RAY_AUTH_MODE", {}).get("value") == "token", name, "the submitter must set RAY_AUTH_MODE=token")
-        _expect(
-            _get(env.get("RAY_AUTH_TOKEN", {}), "valueFrom.secretKeyRef.name", f"{name}: submitter RAY_AUTH_TOKEN") == params["token_secret"],
-            name,
-            "the submitter must take RAY_AUTH_TOKEN from the token secret",
-        )
-        _validate_raycluster_spec(_get(spec, "rayClusterSpec", name), params, f"{name}: spec.rayClusterSpec")
+        _validate_rayjob_spec(_get(doc, "spec", name), params, f"{name}: spec")
     return docs
 
 
 def _validate_kuberay_meta(doc: dict[str, Any], kind: str, params: dict[str, Any], where: str) -> None:
-    _expect(doc.get("apiVersion") == KUBERAY_API_VERSION, where, f"apiVersion must be {KUBERAY_API_VERSION}")
-    _expect(doc.get("kind") == kind, where, f"kind must be {kind}")
+    _expect_equal(doc.get("apiVersion"), KUBERAY_API_VERSION, where, "apiVersion")
+    _expect_equal(doc.get("kind"), kind, where, "kind")
     _expect(bool(_get(doc, "metadata.name", where)), where, "metadata.name is empty")
-    _expect(_get(doc, "metadata.namespace", where) == params["namespace"], where, "metadata.namespace differs from the parameter")
+    _expect_equal(_get(doc, "metadata.namespace", where), params["namespace"], where, "metadata.namespace")
+
+
+def _validate_rayjob_spec(spec: dict[str, Any], params: dict[str, Any], where: str) -> None:
+    entrypoint = _get(spec, "entrypoint", where)
+    _expect(str(entrypoint).startswith("anchorless train "), where, "entrypoint must run `anchorless train`")
+    _expect_equal(entrypoint, params["train_command"], where, "entrypoint")
+    runtime_env = yaml.safe_load(_get(spec, "runtimeEnvYAML", where))
+    tracking = _get(runtime_env, "env_vars.MLFLOW_TRACKING_URI", f"{where}.runtimeEnvYAML")
+    _expect_equal(tracking, params["mlflow_tracking_uri"], where, "runtimeEnvYAML env_vars.MLFLOW_TRACKING_URI")
+    submitter = _get(spec, "submitterPodTemplate.spec.containers.0", where)
+    env = {item["name"]: item for item in submitter.get("env", [])}
+    _expect_equal(env.get("RAY_AUTH_MODE", {}).get("value"), "token", where, "the submitter's RAY_AUTH_MODE")
+    secret = _get(env.get("RAY_AUTH_TOKEN", {}), "valueFrom.secretKeyRef.name", f"{where}: submitter RAY_AUTH_TOKEN")
+    _expect_equal(secret, params["token_secret"], where, "the submitter's RAY_AUTH_TOKEN secret")
+    _validate_raycluster_spec(_get(spec, "rayClusterSpec", where), params, f"{where}.rayClusterSpec")
 
 
 def _validate_raycluster_spec(spec: dict[str, Any], params: dict[str, Any], where: str) -> None:
-    _expect(str(_get(spec, "rayVersion", where)) == params["ray_version"], where, "rayVersion differs from the parameter")
+    _expect_equal(str(_get(spec, "rayVersion", where)), params["ray_version"], where, "rayVersion")
     _expect(_get(spec, "authOptions.mode", where) == "token", where, "authOptions.mode must be token")
-    _expect(_get(spec, "authOptions.secretName", where) == params["token_secret"], where, "authOptions.secretName differs")
+    _expect_equal(_get(spec, "authOptions.secretName", where), params["token_secret"], where, "authOptions.secretName")
     _get(spec, "headGroupSpec.rayStartParams", where)
     containers = [("head", _get(spec, "headGroupSpec.template.spec.containers.0", where))]
     groups = _get(spec, "workerGroupSpecs", where)
@@ -210,38 +213,37 @@ def _validate_raycluster_spec(spec: dict[str, Any], params: dict[str, Any], wher
         group_where = f"{where}.workerGroupSpecs[{index}]"
         for key in ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams"):
             _get(group, key, group_where)
-        _expect(group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group_where, "needs minReplicas <= replicas <= maxReplicas")
+        in_range = group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        _expect(in_range, group_where, "needs minReplicas <= replicas <= maxReplicas")
         worker = _get(group, "template.spec.containers.0", group_where)
         gpus = _get(worker, "resources.limits", group_where).get("nvidia.com/gpu")
         _expect(gpus is not None and float(gpus) > 0, group_where, "worker containers must request nvidia.com/gpu")
         containers.append((group["groupName"], worker))
     for role, container in containers:
-        _expect(container.get("image") == params["image"], where, f"{role} image is {container.get('image')!r}, expected {params['image']!r}")
+        _expect_equal(container.get("image"), params["image"], where, f"the {role} image")
         env = {item["name"]: item.get("value") for item in container.get("env", [])}
-        _expect(env.get("MLFLOW_TRACKING_URI") == params["mlflow_tracking_uri"], where, f"{role} container must set MLFLOW_TRACKING_URI")
+        tracking = env.get("MLFLOW_TRACKING_URI")
+        _expect_equal(tracking, params["mlflow_tracking_uri"], where, f"the {role} container's MLFLOW_TRACKING_URI")
 
 
 def _validate_launcher(config: dict[str, Any], params: dict[str, Any], where: str) -> None:
     for key in ("cluster_name", "provider", "head_node_type", "available_node_types", "max_workers"):
         _get(config, key, where)
-    _expect(config["head_node_type"] in config["available_node_types"], where, "head_node_type is not one of available_node_types")
-    _expect(_get(config, "docker.image", where) == params["image"], where, f"docker.image must be {params['image']!r}")
-    workers = [node for name, node in config["available_node_types"].items() if name != config["head_node_type"]]
-    _expect(
-        any(_get(node, "node_config.InstanceType", where) == params["gpu_instance_type"] for node in workers),
-        where,
-        "no worker node type uses the GPU instance type",
-    )
+    node_types = config["available_node_types"]
+    _expect(config["head_node_type"] in node_types, where, "head_node_type is not one of available_node_types")
+    _expect_equal(_get(config, "docker.image", where), params["image"], where, "docker.image")
+    workers = [node for name, node in node_types.items() if name != config["head_node_type"]]
+    worker_instances = [_get(node, "node_config.InstanceType", where) for node in workers]
+    _expect(params["gpu_instance_type"] in worker_instances, where, "no worker node type uses the GPU instance type")
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         commands = " ".join(_get(config, key, where))
         _expect("RAY_AUTH_MODE=token" in commands, where, f"{key} must start Ray with RAY_AUTH_MODE=token")
-    _expect("--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"]), where, "the dashboard must bind 127.0.0.1 on the head")
-    _expect(
-        any(f"MLFLOW_TRACKING_URI={params['mlflow_tracking_uri']}" in option for option in _get(config, "docker.run_options", where)),
-        where,
-        "docker.run_options must pass MLFLOW_TRACKING_URI",
-    )
-    # Ray's own schema and defaults, as `ray up` applies them.
+    head_start = " ".join(config["head_start_ray_commands"])
+    _expect("--dashboard-host=127.0.0.1" in head_start, where, "the dashboard must bind 127.0.0.1 on the head")
+    run_options = " ".join(_get(config, "docker.run_options", where))
+    tracking = f"MLFLOW_TRACKING_URI={params['mlflow_tracking_uri']}"
+    _expect(tracking in run_options, where, "docker.run_options must pass MLFLOW_TRACKING_URI")
+    # Ray's own schema and defaults, as `ray up` applies them (a private module, but the one `ray up` uses).
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     try:

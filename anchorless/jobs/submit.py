@@ -372,4 +372,5 @@ def format_jobs(jobs: Sequence[dict[str, Any]]) -> str:
         entry = job["entrypoint"] if len(job["entrypoint"]) <= 60 else job["entrypoint"][:57] + "..."
         rows.append((job["job_id"], job["status"], job["kind"] or "-", started, entry))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows)
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    return "\n".join(lines)

@@ -126,7 +126,8 @@ def cluster(tmp_path_factory):
 
 
 def _listen_addresses(port: int) -> set[str]:
-    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    listening = [c for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    return {c.laddr.ip for c in listening if c.laddr.port == port}
 
 
 def _get(url: str, token: str | None = None) -> int:

@@ -58,7 +58,8 @@ def test_rayjob_runs_anchorless_train_on_the_gpu_workers_with_the_callers_overri
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": {"MLFLOW_TRACKING_URI": MLFLOW}}
     submitter_env = {e["name"]: e for e in spec["submitterPodTemplate"]["spec"]["containers"][0]["env"]}
     assert submitter_env["RAY_AUTH_MODE"]["value"] == "token"
-    assert submitter_env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "anchorless-ray-token", "key": "auth_token"}
+    token_ref = submitter_env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token_ref == {"name": "anchorless-ray-token", "key": "auth_token"}
     assert spec["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 3
 
 
@@ -79,7 +80,8 @@ def test_launcher_config_has_required_fields_gpu_workers_project_image_and_token
 
 
 def test_missing_required_parameter_is_an_error_naming_it():
-    with pytest.raises(TemplateError, match=r"kuberay-rayjob: missing required parameter\(s\) mlflow_tracking_uri, train_config"):
+    expected = r"kuberay-rayjob: missing required parameter\(s\) mlflow_tracking_uri, train_config"
+    with pytest.raises(TemplateError, match=expected):
         render_template("kuberay-rayjob")
 
 

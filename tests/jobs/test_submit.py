@@ -14,11 +14,12 @@ from anchorless.jobs import submit as jobs
 from anchorless.jobs.submit import AuthError, JobError
 
 HELLO = "hello from anchorless"
+AUTH_AND_ADDRESS_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch, tmp_path):
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI", "ANCHORLESS_CLUSTER_DIR"):
+    for name in (*AUTH_AND_ADDRESS_VARIABLES, "MLFLOW_TRACKING_URI", "ANCHORLESS_CLUSTER_DIR"):
         monkeypatch.delenv(name, raising=False)
     home = tmp_path / "home"
     home.mkdir()
@@ -63,7 +64,8 @@ def test_the_local_clusters_gcs_address_means_its_job_server(tmp_path):
 
 
 def test_no_address_anywhere_is_one_clear_error(tmp_path):
-    with pytest.raises(JobError, match="no Ray cluster address: pass --address .* set RAY_ADDRESS, or start a local cluster"):
+    expected = "no Ray cluster address: pass --address .* set RAY_ADDRESS, or start a local cluster"
+    with pytest.raises(JobError, match=expected):
         jobs.resolve_target(None, state_dir=tmp_path)
 
 
@@ -126,7 +128,8 @@ def test_runtime_env_points_jobs_at_the_local_clusters_mlflow(tmp_path, monkeypa
 
 
 def test_an_unreachable_job_server_is_one_clear_error(tmp_path):
-    with pytest.raises(JobError, match=r"cannot reach the Ray job server at http://127.0.0.1:9 \(from --address\).*cluster status"):
+    expected = r"cannot reach the Ray job server at http://127.0.0.1:9 \(from --address\).*cluster status"
+    with pytest.raises(JobError, match=expected):
         jobs.list_jobs(address="127.0.0.1:9", state_dir=tmp_path)
 
 

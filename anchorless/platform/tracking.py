@@ -15,6 +15,7 @@ under ``<workspace>/mlartifacts``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -24,7 +25,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from anchorless.platform.errors import AnchorlessError
 
@@ -159,6 +160,35 @@ def _short_reason(exc: BaseException) -> str:
 def _limit_http_retries() -> None:
     for key, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+@contextlib.contextmanager
+def mlflow_store(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking and registry URIs at ``uri`` for a block.
+
+    ``Model.log``, ``register_model`` and ``models:/`` downloads have no client
+    argument (or ignore it) and read these globals; ``set_tracking_uri`` also
+    writes ``$MLFLOW_TRACKING_URI``. Globals and environment are put back after.
+    The globals are private to MLflow, hence the test that covers this.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # --- what is logged -------------------------------------------------------------------------------

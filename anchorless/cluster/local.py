@@ -512,8 +512,11 @@ def _start(
             "backend_store_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
             "artifacts": str(mlflow_dir / "artifacts"),
         },
+        # What a shell exports to use this cluster: `ray.init()` joins the GCS address
+        # with the token, and `anchorless submit` maps that address to the job server.
         "env": {
-            "RAY_ADDRESS": dashboard_url,
+            "RAY_ADDRESS": f"127.0.0.1:{ports['port']}",
+            "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_file),
             "MLFLOW_TRACKING_URI": mlflow_uri,
         },
@@ -530,7 +533,7 @@ def _start(
     # Ray records the GCS address it actually advertises (the node's IP) in its temp dir.
     advertised = temp_dir / "ray_current_cluster"
     if advertised.exists() and advertised.read_text().strip():
-        state["ray_address"] = advertised.read_text().strip()
+        state["ray_address"] = state["env"]["RAY_ADDRESS"] = advertised.read_text().strip()
         write_state(state_dir, state)
     return state
 
@@ -568,6 +571,21 @@ def cluster_down(state_dir: str | Path | None = None) -> dict[str, Any]:
         stopped = _stop_processes(state)
         state_path(state_dir).unlink(missing_ok=True)
         return {"was_running": bool(stopped), "stopped": stopped}
+
+
+def format_cluster(state: dict[str, Any]) -> str:
+    """What ``cluster up`` prints: the addresses, the token file, and the lines to export."""
+    headline = "cluster already running (nothing changed)" if state.get("already_running") else "cluster started"
+    lines = [
+        f"{headline}: {state['state_dir']}",
+        f"ray     {state['ray_address']}",
+        f"jobs    {state['dashboard_url']}   (dashboard and job server, token auth)",
+        f"mlflow  {state['mlflow_tracking_uri']}",
+        f"token   {state['token_file']}",
+        "to use it from another shell:",
+    ]
+    lines += [f"  export {name}={value}" for name, value in state["env"].items()]
+    return "\n".join(lines)
 
 
 def format_status(status: dict[str, Any]) -> str:

@@ -146,7 +146,12 @@ def test_up_starts_ray_the_job_server_and_mlflow_all_answering(cluster):
     assert status["running"] is True, status
     assert {name: s["up"] for name, s in status["services"].items()} == {"ray": True, "jobs": True, "mlflow": True}
     assert json.loads(state_path(cluster["state_dir"]).read_text())["pids"] == cluster["pids"]
-    assert cluster["env"]["RAY_ADDRESS"] == cluster["dashboard_url"]
+    assert cluster["env"] == {
+        "RAY_ADDRESS": cluster["ray_address"],
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": cluster["token_file"],
+        "MLFLOW_TRACKING_URI": cluster["mlflow_tracking_uri"],
+    }
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shlex
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,21 @@ def test_runtime_env_ships_the_project_without_venv_workspace_git_or_caches(tmp_
         "MLFLOW_EXPERIMENT_NAME": "detectors",
         "ANCHORLESS_BCCD": "/data/bccd",
     }
+
+
+def test_excluded_paths_are_left_out_of_the_package_ray_uploads(tmp_path):
+    from ray._private.runtime_env.packaging import create_package  # what submit_job uses to pack working_dir
+
+    project = tmp_path / "project"
+    for name in ("train.py", "configs/a.yaml", "pkg/m.py", "sub/workspace/kept.txt", "workspace/runs/ckpt.pt",
+                 ".venv/bin/python", "pkg/__pycache__/m.pyc", "anchorless.egg-info/PKG-INFO", ".git/HEAD"):  # fmt: skip
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x")
+    package = tmp_path / "package.zip"
+    create_package(str(project), package, True, excludes=list(jobs.DEFAULT_EXCLUDES))
+    with zipfile.ZipFile(package) as archive:
+        files = sorted(name for name in archive.namelist() if not name.endswith("/"))
+    assert files == ["configs/a.yaml", "pkg/m.py", "sub/workspace/kept.txt", "train.py"]
 
 
 def test_runtime_env_points_jobs_at_the_local_clusters_mlflow(tmp_path, monkeypatch):

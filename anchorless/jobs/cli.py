@@ -104,6 +104,178 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tune / models -----------------------------------------------------------------------------
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from anchorless.platform.tune import tune_campaign
+
+    summary = tune_campaign(args.campaign, args.overrides, address=args.address, restart=args.restart)
+    _print_json_line(summary)
+    return 0
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else a running local cluster's server, else the workspace store."""
+    from anchorless.platform.tracking import resolve_tracking_uri
+
+    if args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return resolve_tracking_uri(args.tracking_uri, args.workspace)
+    from anchorless.cluster.local import read_state
+
+    state = read_state(args.cluster_dir) if args.cluster_dir or _default_cluster_state_exists() else None
+    if state and state.get("mlflow_tracking_uri"):
+        return state["mlflow_tracking_uri"]
+    return resolve_tracking_uri(None, args.workspace)
+
+
+def _default_cluster_state_exists() -> bool:
+    from anchorless.cluster.local import default_state_dir, state_path
+
+    return state_path(default_state_dir()).exists()
+
+
+def _registry_client(args: argparse.Namespace):
+    from mlflow import MlflowClient
+
+    from anchorless.platform.tracking import check_reachable
+
+    uri = _tracking_uri(args)
+    check_reachable(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from anchorless.platform.registry import format_model_rows, list_models
+
+    print(format_model_rows(list_models(_registry_client(args), args.name)))
+    return 0
+
+
+def _models_promote(args: argparse.Namespace) -> int:
+    from anchorless.platform.registry import Guard, PromotionPolicy, evaluate_version, promote
+
+    policy = PromotionPolicy(metric=args.metric, mode=args.mode, margin=args.margin)
+    if args.no_guards:
+        policy.guards = {}
+    for spec in args.guard or []:
+        metric, _, rest = spec.partition(":")
+        mode, _, tolerance = rest.partition(":")
+        if mode not in ("max", "min"):
+            raise SystemExit(f"--guard {spec!r}: expected METRIC:max|min[:TOLERANCE]")
+        policy.guards[metric] = Guard(mode=mode, tolerance=float(tolerance or 0.0))
+    client = _registry_client(args)
+    uri = client._tracking_client.tracking_uri
+
+    def evaluate_fn(model_uri: str, shard_dir: str) -> dict[str, float]:
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # so models:/ URIs resolve against this store
+        return evaluate_version(model_uri, shard_dir, batch_size=args.batch_size, address=args.address)
+
+    decision = promote(
+        client, args.name, args.version, args.data, alias=args.to, policy=policy,
+        force=args.force, reason=args.reason, evaluate_fn=evaluate_fn,
+    )
+    print(decision.table())
+    _print_json_line(decision.summary())
+    return 0 if decision.promoted else 1
+
+
+def _models_rollback(args: argparse.Namespace) -> int:
+    from anchorless.platform.registry import rollback
+
+    before, after = rollback(_registry_client(args), args.name, alias=args.to)
+    print(f"{args.name}@{args.to}: v{before} -> v{after}")
+    return 0
+
+
+# --- cluster / submit / jobs ------------------------------------------------------------------
+
+
+def _cluster_up(args: argparse.Namespace) -> int:
+    from anchorless.cluster.local import cluster_up, format_cluster
+
+    if not args.local:
+        raise SystemExit(
+            "only --local is brought up from here; for real clusters render a template: "
+            "anchorless cluster template --help"
+        )
+    state = cluster_up(args.cluster_dir, num_cpus=args.num_cpus)
+    if state.get("already_running"):
+        print("a healthy local cluster is already running; nothing changed")
+    print(format_cluster(state))
+    return 0
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    from anchorless.cluster.local import cluster_status, format_status
+
+    status = cluster_status(args.cluster_dir)
+    print(format_status(status))
+    return 0 if status.get("running") else 1
+
+
+def _cluster_down(args: argparse.Namespace) -> int:
+    from anchorless.cluster.local import cluster_down
+
+    result = cluster_down(args.cluster_dir)
+    print("stopped: " + (", ".join(result["stopped"]) or "nothing was running"))
+    return 0
+
+
+def _cluster_template(args: argparse.Namespace) -> int:
+    from anchorless.cluster.templates import template_names, template_parameters, write_template
+
+    if args.name is None:
+        for name in template_names():
+            params = ", ".join(f"{k}={'<required>' if v is None else v}" for k, v in template_parameters(name).items())
+            print(f"{name}: {params}")
+        return 0
+    values: dict[str, Any] = {}
+    for item in args.values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{item!r}: expected name=value")
+        values[key] = value
+    if args.override:
+        values["overrides"] = list(args.override)
+    out = write_template(args.name, args.out, **values)
+    print(f"wrote {out}")
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from anchorless.jobs.submit import job_logs, job_status, submit
+
+    job_id = submit(args.kind, args.args, address=args.address, state_dir=args.cluster_dir)
+    print(job_id, flush=True)
+    if args.follow:
+        job_logs(job_id, follow=True, address=args.address, state_dir=args.cluster_dir)
+        status = job_status(job_id, address=args.address, state_dir=args.cluster_dir)
+        print(f"job {job_id}: {status['status']}")
+        return 0 if status["status"] == "SUCCEEDED" else 1
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from anchorless.jobs import submit as jobs
+
+    where = {"address": args.address, "state_dir": args.cluster_dir}
+    if args.action == "list":
+        print(jobs.format_jobs(jobs.list_jobs(**where)))
+    elif args.action == "status":
+        status = jobs.job_status(args.job_id, **where)
+        print(json.dumps(status, default=str))
+        return 0 if status["status"] != "FAILED" else 1
+    elif args.action == "logs":
+        text = jobs.job_logs(args.job_id, follow=args.follow, **where)
+        if not args.follow:
+            print(text, end="")
+    elif args.action == "stop":
+        stopped = jobs.stop_job(args.job_id, **where)
+        print("stopping" if stopped else "the job had already ended")
+    return 0
+
+
 # --- quickstart ---------------------------------------------------------------------------------
 
 
@@ -218,6 +390,86 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="output directory")
     predict.add_argument("--score-threshold", type=float, default=0.3)
     predict.set_defaults(run=_predict)
+
+    tune = verbs.add_parser("tune", help="run (or resume) a Ray Tune campaign over training configs")
+    tune.add_argument("campaign", help="campaign YAML (base config + search space)")
+    _add_overrides(tune)
+    tune.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    tune.add_argument("--restart", action="store_true", help="start the campaign afresh instead of resuming it")
+    tune.set_defaults(run=_tune)
+
+    models = verbs.add_parser("models", help="the model registry: list, promote, rollback").add_subparsers(
+        dest="action", required=True
+    )
+
+    def registry_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI, a running local cluster's server, or WORKSPACE/mlflow.db)")
+        sub.add_argument("--workspace", default="workspace", help="workspace holding the embedded MLflow store")
+        sub.add_argument("--cluster-dir", default=None, help=argparse.SUPPRESS)
+
+    listing = models.add_parser("list", help="registered models, versions, aliases, key metrics, source run")
+    listing.add_argument("name", nargs="?")
+    registry_options(listing)
+    listing.set_defaults(run=_models_list)
+
+    promote = models.add_parser(
+        "promote",
+        help="evaluate candidate and champion on the same shards; move the alias if the candidate wins",
+        description="Exit code 0 when promoted, 1 when refused. The gate table is printed either way.",
+    )
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--to", default="champion", help="alias to move (default champion)")
+    promote.add_argument("--data", required=True, help="evaluation shard directory (both models are scored on it)")
+    promote.add_argument("--metric", default="AP", help="gate metric (default AP)")
+    promote.add_argument("--mode", choices=("max", "min"), default="max")
+    promote.add_argument("--margin", type=float, default=0.0, help="the candidate must beat the champion by more than this")
+    promote.add_argument("--guard", action="append", metavar="METRIC:max|min[:TOL]", help="add/replace a no-regression guard (defaults: AP50, duplicate_rate, latency_ms)")
+    promote.add_argument("--no-guards", action="store_true", help="drop the default guards")
+    promote.add_argument("--force", action="store_true", help="promote even if the gates refuse (needs --reason)")
+    promote.add_argument("--reason", default=None, help="why --force; recorded on the version")
+    promote.add_argument("--batch-size", type=int, default=8)
+    promote.add_argument("--address", default=None, help="Ray cluster address for the evaluations")
+    registry_options(promote)
+    promote.set_defaults(run=_models_promote)
+
+    back = models.add_parser("rollback", help="point the alias back at the previous champion")
+    back.add_argument("name")
+    back.add_argument("--to", default="champion", help="alias to roll back (default champion)")
+    registry_options(back)
+    back.set_defaults(run=_models_rollback)
+
+    cluster = verbs.add_parser("cluster", help="bring a local cluster up/down; render cluster templates").add_subparsers(
+        dest="action", required=True
+    )
+    up = cluster.add_parser("up", help="start a Ray head (token auth) and an MLflow server on this machine")
+    up.add_argument("--local", action="store_true", required=True, help="on this machine (the only kind started from here)")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: detected)")
+    for sub, text in ((up, None), (cluster.add_parser("status", help="is each service up?"), _cluster_status), (cluster.add_parser("down", help="stop the local cluster"), _cluster_down)):
+        sub.add_argument("--cluster-dir", default=None, help="cluster state directory (default $ANCHORLESS_CLUSTER_DIR or workspace/cluster)")
+        sub.set_defaults(run=text or _cluster_up)
+    template = cluster.add_parser("template", help="render a Ray cluster-launcher or KubeRay template")
+    template.add_argument("name", nargs="?", help="template name (omit to list them with their parameters)")
+    template.add_argument("values", nargs="*", metavar="param=value")
+    template.add_argument("--override", action="append", help="a training key.path=value override for the job")
+    template.add_argument("--out", default=None, help="output YAML path")
+    template.set_defaults(run=_cluster_template)
+
+    submit = verbs.add_parser("submit", help="submit train/tune/evaluate to a Ray cluster as a job")
+    submit.add_argument("kind", choices=("train", "tune", "evaluate"))
+    submit.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
+    submit.add_argument("--address", default=None, help="job server (default $RAY_ADDRESS or the local cluster)")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument("--cluster-dir", default=None, help=argparse.SUPPRESS)
+    submit.set_defaults(run=_submit)
+
+    jobs = verbs.add_parser("jobs", help="list, inspect, follow and stop cluster jobs")
+    jobs.add_argument("action", choices=("list", "status", "logs", "stop"))
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    jobs.add_argument("--address", default=None, help="job server (default $RAY_ADDRESS or the local cluster)")
+    jobs.add_argument("--cluster-dir", default=None, help=argparse.SUPPRESS)
+    jobs.set_defaults(run=_jobs)
     return parser
 
 

@@ -1,0 +1,324 @@
+"""Tuning campaigns: Ray Tune over full distributed training runs.
+
+Each trial is one call of :func:`anchorless.platform.train.train` from a small
+Tune driver function (the Ray Train V2 pattern): the trial builds its own
+``TorchTrainer``, so a trial can use several workers and DeepSpeed, and a
+``TuneReportCallback`` hands every epoch's metrics back to Tune for the scheduler.
+
+In MLflow a campaign is a parent run; each trial is a nested child run with its
+own params and metrics. At the end the parent gets the campaign summary (a table
+of trials, the best config, a plot of the metric against each searched parameter)
+and the best trial's model is registered.
+
+A campaign lives in ``<workspace>/campaigns/<name>/``; re-running an interrupted
+campaign restores Tune's state from there instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from anchorless.platform.campaign import Campaign, load_campaign, to_tune_space
+from anchorless.platform.errors import AnchorlessError
+
+log = logging.getLogger(__name__)
+
+CAMPAIGN_FILE = "campaign.json"
+TUNER_DIR = "tuner"
+TAG_CAMPAIGN = "anchorless.campaign"
+TAG_TRIAL = "anchorless.trial"
+
+
+class TuningError(AnchorlessError):
+    """A campaign that could not run or produced no usable trial."""
+
+
+def campaign_dir(campaign: Campaign) -> Path:
+    return Path(campaign.base.workspace).resolve() / "campaigns" / campaign.spec.name
+
+
+def trial_run_name(campaign_name: str, trial_id: str) -> str:
+    return f"{campaign_name}-{trial_id}"
+
+
+def _searcher(campaign: Campaign) -> Any:
+    spec = campaign.spec
+    if spec.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.search.seed)
+        if spec.max_concurrent_trials > 1:
+            from ray.tune.search import ConcurrencyLimiter
+
+            return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials)
+        return searcher
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # random and grid both come from Tune's variant generator: grid dimensions are
+    # expanded, sampled ones drawn; a seed makes the draws repeatable.
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials)
+
+
+def _scheduler(campaign: Campaign) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    spec, epochs = campaign.spec, campaign.base.training.epochs
+    if spec.scheduler.kind == "asha":
+        return ASHAScheduler(
+            time_attr="epoch",
+            max_t=epochs,
+            grace_period=min(spec.scheduler.grace_period, epochs),
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    if spec.scheduler.kind == "pbt":
+        if spec.search.algorithm != "random":
+            raise TuningError("scheduler.kind=pbt works with search.algorithm=random (PBT does its own search)")
+        return PopulationBasedTraining(
+            time_attr="epoch",
+            perturbation_interval=spec.scheduler.perturbation_interval,
+            hyperparam_mutations=to_tune_space(spec.search_space),
+            quantile_fraction=spec.scheduler.quantile_fraction,
+        )
+    return FIFOScheduler()
+
+
+def _run_trial(params: dict[str, Any], campaign_path: str, campaign_overrides: list[str], parent_run_id: str) -> None:
+    """One Tune trial: the campaign's base config with ``params``, trained by ``train()``."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from anchorless.platform.train import train
+
+    campaign = load_campaign(campaign_path, campaign_overrides)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = campaign.trial(params)
+    cfg.tracking.run_name = trial_run_name(campaign.spec.name, trial_id)
+    # Trials log their model; only the campaign's best is registered.
+    cfg.tracking.registered_model = None
+    train(
+        cfg,
+        progress=False,
+        callbacks=[TuneReportCallback()],
+        parent_run_id=parent_run_id,
+        run_tags={TAG_TRIAL: trial_id, TAG_CAMPAIGN: campaign.spec.name},
+    )
+
+
+def _tuner(campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequence[str], restart: bool) -> Any:
+    from ray import tune
+
+    spec = campaign.spec
+    trainable = tune.with_parameters(
+        _run_trial,
+        campaign_path=str(campaign.path.resolve()),
+        campaign_overrides=list(overrides),
+        parent_run_id=parent_run_id,
+    )
+    # The trial driver only waits on its TorchTrainer; the workers hold the CPUs.
+    trainable = tune.with_resources(trainable, {"cpu": 0})
+    tuner_path = root / TUNER_DIR
+    if not restart and tune.Tuner.can_restore(str(tuner_path)):
+        log.info("resuming campaign %r from %s", spec.name, tuner_path)
+        return tune.Tuner.restore(str(tuner_path), trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(spec.search_space),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=_searcher(campaign),
+            scheduler=_scheduler(campaign),
+            num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNER_DIR,
+            storage_path=str(root),
+            failure_config=tune.FailureConfig(max_failures=1),
+            verbose=1,
+        ),
+    )
+
+
+def tune_campaign(
+    campaign_path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    address: str | None = None,
+    restart: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) a campaign; returns its summary, including the registered best model."""
+    import shutil
+
+    from anchorless.platform.tracking import Tracker
+    from anchorless.platform.train import connect_ray
+
+    campaign = load_campaign(campaign_path, overrides)
+    spec = campaign.spec
+    root = campaign_dir(campaign)
+    if restart and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    record_path = root / CAMPAIGN_FILE
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+
+    parent_cfg = campaign.base.model_copy(deep=True)
+    parent_cfg.tracking.run_name = spec.name
+    parent = Tracker.start(parent_cfg, resume_run_id=record.get("parent_run_id"))
+    parent.set_tags({TAG_CAMPAIGN: spec.name})
+    if not record:
+        parent.client.log_batch(
+            parent.run_id,
+            params=[
+                *_params({f"search_space.{k}": json.dumps(v) for k, v in spec.search_space.items()}),
+                *_params({"search.algorithm": spec.search.algorithm, "scheduler.kind": spec.scheduler.kind,
+                          "num_samples": spec.num_samples, "metric": spec.metric, "mode": spec.mode}),
+            ],
+        )
+        parent.log_artifact(str(campaign.path))
+    record = {"parent_run_id": parent.run_id, "tracking_uri": parent.tracking_uri, "name": spec.name}
+    _write_atomic(record_path, json.dumps(record, indent=2))
+
+    cpus_needed = spec.max_concurrent_trials * campaign.base.training.num_workers * campaign.base.training.cpus_per_worker
+    base_for_ray = campaign.base.model_copy(deep=True)
+    base_for_ray.training.num_workers = max(1, cpus_needed)
+    started_ray = connect_ray(address, base_for_ray)
+    try:
+        results = _tuner(campaign, root, parent.run_id, overrides, restart).fit()
+        summary = _summarise(campaign, root, parent, results)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    parent.finish("FINISHED")
+    return summary
+
+
+def _params(values: dict[str, Any]) -> list[Any]:
+    from mlflow.entities import Param
+
+    return [Param(key, str(value)[:6000]) for key, value in values.items()]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dict[str, Any]:
+    """Table of trials, best config, metric-vs-parameter plots; register the best model."""
+    spec = campaign.spec
+    client = parent.client
+    children = {
+        run.data.tags.get(TAG_TRIAL): run
+        for run in client.search_runs(
+            [parent.experiment_id or client.get_run(parent.run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'",
+            max_results=1000,
+        )
+    }
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = metrics.get("trial_id")  # Tune fills it in every result
+        child = children.get(trial_id)
+        row = {
+            "trial_id": trial_id,
+            "run_id": child.info.run_id if child else None,
+            "status": "error" if result.error else "done",
+            "epochs": metrics.get("epoch"),
+            spec.metric: metrics.get(spec.metric),
+            **{f"param.{k}": v for k, v in (result.config or {}).items()},
+        }
+        rows.append(row)
+        if child and child.info.status == "RUNNING":  # stopped early by the scheduler
+            client.set_tag(child.info.run_id, "anchorless.early_stopped", str(row["epochs"] is not None and row["epochs"] < campaign.base.training.epochs).lower())
+            client.set_terminated(child.info.run_id, status="FINISHED" if not result.error else "FAILED")
+    scored = [row for row in rows if isinstance(row[spec.metric], (int, float)) and not math.isnan(row[spec.metric])]
+    if not scored:
+        raise TuningError(f"campaign {spec.name!r}: no trial reported {spec.metric}; see {root / TUNER_DIR}")
+    best = (max if spec.mode == "max" else min)(scored, key=lambda row: row[spec.metric])
+    best_config = campaign.trial({k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")})
+
+    (root / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    parent.log_artifact(str(root / "trials.json"))
+    best_path = root / "best_config.yaml"
+    best_path.write_text(best_config.to_yaml())
+    parent.log_artifact(str(best_path))
+    plot = _plot_metric_vs_params(rows, spec.metric, list(spec.search_space), root / "metric_vs_params.png")
+    if plot:
+        parent.log_artifact(str(plot))
+    parent.log_metrics({f"best_{spec.metric}": float(best[spec.metric])}, step=0)
+
+    model_uri = None
+    registered_name = campaign.base.tracking.registered_model
+    if spec.register_best and registered_name and best["run_id"]:
+        model_uri = _register_best(parent, best, registered_name, spec.name)
+    summary = {
+        "campaign": spec.name,
+        "parent_run_id": parent.run_id,
+        "tracking_uri": parent.tracking_uri,
+        "trials": len(rows),
+        "completed": sum(1 for row in rows if row["epochs"] == campaign.base.training.epochs),
+        "best_trial": best["trial_id"],
+        "best_run_id": best["run_id"],
+        f"best_{spec.metric}": best[spec.metric],
+        "best_params": {k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")},
+        "model_uri": model_uri,
+    }
+    _write_atomic(root / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _register_best(parent: Any, best: dict[str, Any], name: str, campaign_name: str) -> str:
+    import mlflow
+
+    from anchorless.platform.export import MLFLOW_MODEL_NAME
+
+    client = parent.client
+    mlflow.set_tracking_uri(parent.tracking_uri)
+    mlflow.set_registry_uri(parent.tracking_uri)
+    version = mlflow.register_model(f"runs:/{best['run_id']}/{MLFLOW_MODEL_NAME}", name, await_registration_for=120)
+    run = client.get_run(best["run_id"])
+    for key, value in run.data.metrics.items():
+        client.set_model_version_tag(name, version.version, key, f"{value:.6f}")
+    client.set_model_version_tag(name, version.version, TAG_CAMPAIGN, campaign_name)
+    client.set_model_version_tag(name, version.version, TAG_TRIAL, str(best["trial_id"]))
+    return f"models:/{name}/{version.version}"
+
+
+def _plot_metric_vs_params(rows: list[dict[str, Any]], metric: str, params: list[str], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [row for row in rows if isinstance(row.get(metric), (int, float))]
+    if not points:
+        return None
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.4), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        xs = [row.get(f"param.{param}") for row in points]
+        ax.scatter(xs, [row[metric] for row in points], s=28)
+        ax.set_xlabel(param.rsplit(".", 1)[-1] if len(param) > 28 else param, fontsize=8)
+        ax.set_ylabel(metric)
+        if all(isinstance(x, (int, float)) and x > 0 for x in xs) and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metric} against each searched parameter")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,147 @@
+"""The detector contract: losses, gradients, robustness, predict."""
+
+import pytest
+import torch
+
+from anchorless.detectors import build_detector
+
+from .conftest import small_config
+
+LOSS_NAMES = {
+    "onenet": {"loss_cls", "loss_l1", "loss_giou", "loss"},
+    "centernet": {"loss_heatmap", "loss_size", "loss_offset", "loss"},
+    "fcos": {"loss_cls", "loss_box", "loss_centerness", "loss"},
+}
+SIZE = 128
+# FCOS's size ranges are scaled down so that every level of a 128-pixel image gets positives.
+CONFIGS = {
+    "onenet": small_config("onenet"),
+    "centernet": small_config("centernet"),
+    "fcos": small_config("fcos", assigner={"size_ranges": [-1, 16, 32, 48, 64, 1e8]}),
+}
+
+
+def _targets():
+    # One box per FCOS level in image 0 (P3, P4, P5, P6 and P7), the whole image in image 1.
+    return [
+        {"boxes": torch.tensor([[8.0, 12, 28, 32], [40, 16, 88, 60], [60, 60, 124, 120], [0, 0, 90, 90]]),
+         "labels": torch.tensor([0, 1, 2, 0])},
+        {"boxes": torch.tensor([[0.0, 0.0, 128.0, 128.0]]), "labels": torch.tensor([1])},
+    ]
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def detector(request):
+    torch.manual_seed(0)
+    return request.param, build_detector(CONFIGS[request.param])
+
+
+def test_forward_with_targets_returns_named_losses_and_their_sum(detector):
+    name, model = detector
+    losses = model(torch.rand(2, 3, SIZE, SIZE), _targets())
+    assert set(losses) == LOSS_NAMES[name]
+    parts = sum(v for k, v in losses.items() if k != "loss")
+    assert losses["loss"].item() == pytest.approx(parts.item(), rel=1e-6)
+    assert all(torch.isfinite(v) and v.item() >= 0 for v in losses.values())
+
+
+def test_gradients_reach_every_trainable_parameter(detector):
+    name, model = detector
+    model(torch.rand(2, 3, SIZE, SIZE), _targets())["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert missing == []
+    if name == "fcos":
+        assert (model.head.scales.grad != 0).all()  # every level's learnable scale
+
+
+AWKWARD = [
+    (torch.tensor([[10.0, 10.0, 10.5, 10.4]]), torch.tensor([1])),  # sub-pixel box
+    (torch.tensor([[0.0, 0.0, 128.0, 128.0]]), torch.tensor([2])),  # the whole image
+    (torch.tensor([[-10.0, 110.0, 20.0, 140.0]]), torch.tensor([0])),  # crosses two borders
+    (torch.tensor([[5.0, 5.0, 5.0, 20.0], [8.0, 8.0, 20.0, 20.0]]), torch.tensor([0, 1])),  # zero width
+    (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),  # no objects in this image
+]
+
+
+def _assert_finite_losses_and_gradients(model, targets):
+    losses = model(torch.rand(len(targets), 3, SIZE, SIZE), targets)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_losses_and_gradients_stay_finite_on_tiny_whole_image_border_and_zero_size_boxes(detector):
+    _, model = detector
+    _assert_finite_losses_and_gradients(model, [{"boxes": b, "labels": l} for b, l in AWKWARD])
+
+
+def test_a_batch_without_any_object_gives_finite_losses(detector):
+    _, model = detector
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
+    _assert_finite_losses_and_gradients(model, [empty, empty])
+
+
+def test_predict_returns_clipped_detections_and_restores_training_mode(detector):
+    _, model = detector
+    model.train()
+    detections = model.predict(torch.rand(2, 3, 64, 96))
+    assert model.training
+    assert len(detections) == 2
+    for det in detections:
+        assert set(det) == {"boxes", "scores", "labels"}
+        n = len(det["scores"])
+        assert n <= 100 and det["boxes"].shape == (n, 4) and det["labels"].dtype == torch.long
+        assert (det["boxes"][:, 0::2] >= 0).all() and (det["boxes"][:, 0::2] <= 96).all()
+        assert (det["boxes"][:, 1::2] >= 0).all() and (det["boxes"][:, 1::2] <= 64).all()
+        assert not det["scores"].requires_grad
+        assert (det["scores"][:-1] >= det["scores"][1:]).all()
+
+
+def test_images_are_normalised_inside_the_model_with_imagenet_statistics():
+    model = build_detector(small_config("centernet")).eval()
+    assert model.pixel_mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    assert model.pixel_std.flatten().tolist() == pytest.approx([0.229, 0.224, 0.225])
+    seen = {}
+
+    def record(module, args):
+        seen["input"] = args[0]
+
+    model.backbone.stem.register_forward_pre_hook(record)
+    mean_image = model.pixel_mean.expand(1, 3, 32, 32).clone()
+    model.predict(mean_image)
+    assert seen["input"].abs().max().item() < 1e-6  # the mean image becomes zeros
+
+
+@pytest.mark.parametrize(
+    "images, targets, message",
+    [
+        (torch.rand(1, 3, 60, 64), None, "multiples of 32"),
+        (torch.rand(1, 1, 64, 64), None, r"\(B, 3, H, W\)"),
+        (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), None, "floats"),
+        (torch.rand(1, 3, 64, 64), [{"boxes": torch.tensor([[0.0, 0, 9, 9]]), "labels": torch.tensor([3])}], "labels must be in 0..2"),
+        (torch.rand(2, 3, SIZE, SIZE), [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}], "1 targets for 2 images"),
+    ],
+)
+def test_bad_inputs_are_rejected_with_a_clear_message(images, targets, message):
+    model = build_detector(small_config("onenet"))
+    with pytest.raises(ValueError, match=message):
+        model(images, targets)
+
+
+def test_onenet_multi_head_training_adds_losses_per_head_and_infers_from_the_first_only():
+    torch.manual_seed(0)
+    model = build_detector(small_config("onenet", head={"num_heads": 2}))
+    losses = model(torch.rand(2, 3, SIZE, SIZE), _targets())
+    assert set(losses) == LOSS_NAMES["onenet"] | {"loss_cls_1", "loss_l1_1", "loss_giou_1"}
+    losses["loss"].backward()
+    assert model.head.stages[0].weight.grad.abs().sum() > 0  # the second head learns
+    model.eval()
+    features = torch.rand(1, 64, 16, 16)
+    assert len(model.head(features)) == 1
+
+
+def test_deformable_neck_option_builds_and_trains():
+    model = build_detector(small_config("centernet", neck={"deform": True, "channels": [32, 32, 64]}))
+    losses = model(torch.rand(1, 3, 64, 64), [{"boxes": torch.tensor([[8.0, 8, 40, 50]]), "labels": torch.tensor([1])}])
+    losses["loss"].backward()
+    assert model.neck.layers[0].offset_mask.weight.grad is not None

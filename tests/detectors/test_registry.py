@@ -1,0 +1,121 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+import anchorless.detectors as detectors
+from anchorless.detectors import DETECTORS, DetectorConfigError, build_detector, default_detector_config
+from anchorless.detectors.centernet import CenterNet
+from anchorless.detectors.fcos import FCOS
+from anchorless.detectors.onenet import OneNet
+
+from .conftest import small_config
+
+PACKAGE = Path(detectors.__file__).parent
+
+
+def test_registry_names_the_three_detectors():
+    assert DETECTORS == {"onenet": OneNet, "centernet": CenterNet, "fcos": FCOS}
+
+
+def test_defaults_are_the_papers_values():
+    onenet = default_detector_config("onenet")
+    assert onenet["assigner"] == {
+        "cost_cls": 2.0, "cost_l1": 5.0, "cost_giou": 2.0, "mode": "min", "focal_alpha": 0.25, "focal_gamma": 2.0
+    }
+    assert onenet["loss"] == {"cls": 2.0, "l1": 5.0, "giou": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0}
+    assert onenet["postprocess"] == {"topk": 100, "nms": False, "nms_iou": 0.6, "score_threshold": 0.0}
+    assert onenet["head"]["prior_prob"] == 0.01
+
+    centernet = default_detector_config("centernet")
+    assert centernet["loss"] == {"heatmap": 1.0, "size": 0.1, "offset": 1.0, "alpha": 2.0, "beta": 4.0}
+    assert centernet["assigner"] == {"min_overlap": 0.7, "radius_formula": "original", "min_radius": 0}
+
+    fcos = default_detector_config("fcos")
+    assert fcos["assigner"]["size_ranges"] == [-1.0, 64.0, 128.0, 256.0, 512.0, float("inf")]
+    assert fcos["postprocess"] == {
+        "topk": 100, "nms": True, "nms_iou": 0.6, "score_threshold": 0.05, "pre_nms_topk": 1000
+    }
+    assert fcos["backbone"]["depth"] == 50 and fcos["neck"] == {"out_channels": 256}
+
+
+def test_every_weight_is_reachable_by_its_dotted_path():
+    model = build_detector(small_config("onenet", assigner={"cost_giou": 3.5, "mode": "hungarian"}, loss={"l1": 4}))
+    assert model.assigner.cost_giou == 3.5 and model.assigner.mode == "hungarian"
+    assert model.loss.l1_loss.weight == 4.0
+    assert model.config["assigner"]["cost_giou"] == 3.5
+    assert model.config["loss"]["l1"] == 4.0 and isinstance(model.config["loss"]["l1"], float)
+
+
+def test_resolved_config_builds_the_same_detector_again():
+    model = build_detector(small_config("fcos", loss={"box_loss": "ciou"}))
+    again = build_detector(model.config)
+    assert again.config == model.config
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        ({"name": "onenet", "assigner": {"cost_gio": 2.0}},
+         "detector.assigner.cost_gio: unknown key; expected one of cost_cls, cost_giou, cost_l1, focal_alpha, focal_gamma, mode"),
+        ({"name": "onenet", "assigner": {"cost_giou": "2"}}, "detector.assigner.cost_giou: expected float, got str '2'"),
+        ({"name": "onenet", "assigner": {"mode": "fast"}}, "detector.assigner.mode: expected one of 'min', 'hungarian'"),
+        ({"name": "onenet", "postprocess": {"nms": 1}}, "detector.postprocess.nms: expected bool, got int 1"),
+        ({"name": "centernet", "backbone": {"depth": 101}}, "detector.backbone.depth: expected one of 18, 34, 50"),
+        ({"name": "fcos", "head": {"num_convs": 2.5}}, "detector.head.num_convs: expected int, got float 2.5"),
+        ({"name": "yolo"}, "detector.name: unknown detector 'yolo'; expected one of centernet, fcos, onenet"),
+        ({"num_classes": 3}, "detector.name: missing"),
+        ({"name": "onenet", "num_classes": 0}, "detector.num_classes: expected a positive int"),
+        ({"name": "onenet", "optimizer": {}}, "detector.optimizer: unknown key"),
+        ({"name": "onenet", "loss": [1, 2]}, "detector.loss: expected a mapping"),
+        ({"name": "fcos", "assigner": {"size_ranges": [-1, 64, 1e8]}}, "detector.assigner.size_ranges: 3 entries"),
+        ({"name": "onenet", "head": {"num_heads": 0}}, "detector.head: num_heads must be >= 1"),
+    ],
+)
+def test_bad_configs_raise_a_config_error_naming_the_dotted_key(cfg, message):
+    with pytest.raises(DetectorConfigError) as error:
+        build_detector(cfg)
+    assert str(error.value).startswith(message)
+    assert isinstance(error.value, ValueError)
+
+
+def test_pretrained_backbone_loads_from_a_local_file_and_a_missing_file_is_a_config_error(tmp_path):
+    reference = resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_detector(small_config("centernet", backbone={"pretrained": str(path)}))
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    assert torch.equal(model.backbone.stem[1].running_var, reference.bn1.running_var)
+    with pytest.raises(DetectorConfigError, match="detector.backbone: pretrained: no such file"):
+        build_detector(small_config("centernet", backbone={"pretrained": str(tmp_path / "missing.pth")}))
+
+
+def test_pretrained_file_of_another_depth_is_rejected(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    with pytest.raises(DetectorConfigError, match="does not fit this backbone"):
+        build_detector({"name": "fcos", "backbone": {"depth": 34, "pretrained": str(path)}})
+
+
+def test_frozen_stages_and_frozen_bn_take_effect():
+    model = build_detector({"name": "fcos", "num_classes": 3, "backbone": {"depth": 18, "frozen_stages": 2}})
+    assert not any(p.requires_grad for p in model.backbone.stem.parameters())
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+    assert all(p.requires_grad for p in model.backbone.layer2.parameters())
+    assert type(model.backbone.layer2[0].bn1).__name__ == "FrozenBatchNorm2d"
+
+
+def test_the_package_never_imports_ray_deepspeed_or_mlflow():
+    sources = "\n".join(p.read_text() for p in PACKAGE.glob("*.py"))
+    for name in ("ray", "deepspeed", "mlflow"):
+        assert f"import {name}" not in sources and f"from {name}" not in sources
+    code = (
+        "import sys, anchorless.detectors, anchorless.detectors.evaluation;"
+        "bad = [m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

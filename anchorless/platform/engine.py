@@ -21,6 +21,8 @@ Choices, measured on this project's CPU machine:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -144,15 +146,17 @@ def build_engine(
 ) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler]:
     """Wrap ``model`` in a DeepSpeed engine; the process group must already exist (Ray Train made it)."""
     quiet_deepspeed()
-    import deepspeed
+    # DeepSpeed prints its op builds to stdout on every rank; the exceptions still surface.
+    with contextlib.redirect_stdout(io.StringIO()):
+        import deepspeed
 
-    quiet_deepspeed()  # importing deepspeed may have reset its logger
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lr_scheduler_factory(schedule, total_steps),
-    )
+        quiet_deepspeed()  # importing deepspeed may have reset its logger
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=lr_scheduler_factory(schedule, total_steps),
+        )
     return engine, scheduler
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from typing import Any
 
 from tqdm import tqdm
@@ -18,6 +19,31 @@ log = logging.getLogger(__name__)
 
 # Shown in the bar, in this order, when present.
 _SHOWN_METRICS = ("AP", "AP50", "duplicate_rate")
+# Loggers that narrate set-up at INFO in every Ray worker process (Ray Train's report
+# lines, Ray Data's execution plans, DeepSpeed's config dump, torch's CUDA probe).
+_CHATTY_LOGGERS = ("ray.train.v2", "ray.data", "DeepSpeed", "torch.distributed")
+# Warnings with nothing to act on: torch finding no CUDA on a CPU worker.
+_WARNING_ONLY_LOGGERS = (
+    "torch.utils.cpp_extension",
+    # Without the dashboard Ray's state API is off; the cleaner then warns every second.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+)
+# Environment for Ray worker processes: Ray Data reads its log level from here when it
+# configures logging; Ray Train otherwise turns every print into an INFO log record, past
+# any contextlib.redirect_stdout (pycocotools prints each stage of an evaluation).
+QUIET_WORKER_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def quiet_worker_logs() -> None:
+    """Keep Ray, Ray Data and DeepSpeed at WARNING in a worker process (a Ray ``worker_process_setup_hook``)."""
+    # The root too: Ray Train logs each report at INFO through a logger named after its file.
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in _WARNING_ONLY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray's own DataConfig copies a deprecated option on every split; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=".*exclude_resources.*")
 
 
 def create_queue() -> Any:
@@ -41,6 +67,23 @@ class ProgressSender:
         except Exception as exc:  # the driver may be gone; progress is not worth a failure
             log.debug("progress dropped: %s", exc)
             self.queue = None
+
+
+class ForwardWarnings(logging.Handler):
+    """Send this worker's ``anchorless`` warnings to the driver's display (Ray's own log
+    forwarding is off unless verbose, so the driver shows our bar, not every Ray line)."""
+
+    def __init__(self, sender: ProgressSender, rank: int) -> None:
+        super().__init__(level=logging.WARNING)
+        self.sender, self.rank = sender, rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sender.send("message", text=f"[rank {self.rank}] {record.levelname.lower()}: {record.getMessage()}")
+
+
+def forward_worker_warnings(queue: Any | None, rank: int) -> None:
+    if queue is not None:
+        logging.getLogger("anchorless").addHandler(ForwardWarnings(ProgressSender(queue), rank))
 
 
 def format_losses(losses: dict[str, float]) -> str:

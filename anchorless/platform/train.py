@@ -199,22 +199,38 @@ def _write_atomic(path: Path, text: str) -> None:
 # --- Ray ------------------------------------------------------------------------------------------
 
 
-def connect_ray(address: str | None, cfg: ExperimentConfig) -> bool:
-    """Join ``address`` (or ``$RAY_ADDRESS``), or start a local Ray; True when started here."""
+def connect_ray(address: str | None, cfg: ExperimentConfig, *, verbose: bool = False) -> bool:
+    """Join ``address`` (or ``$RAY_ADDRESS``), or start a local Ray; True when started here.
+
+    Unless ``verbose``, worker output is not forwarded to the driver (``log_to_driver``):
+    Ray, Ray Data and DeepSpeed narrate every start-up, and what matters reaches the
+    driver anyway (the progress display, our own warnings, a failing worker's exception).
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    from anchorless.platform.progress import QUIET_WORKER_ENV
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    output = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **quiet)
+        # A cluster's job may carry its own runtime_env (working_dir, ...): leave it alone.
+        ray.init(address=address, **output)
         return True
     needed = cfg.training.num_workers * cfg.training.cpus_per_worker
-    # Logical CPUs: Ray Data's decode tasks must be schedulable beside the training workers
-    # even when those take every core (the workers spend their time in torch's own threads).
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed + 1), include_dashboard=False, **quiet)
+    ray.init(
+        # Logical CPUs: Ray Data's decode tasks must be schedulable beside the training workers
+        # even when those take every core (the workers spend their time in torch's own threads).
+        num_cpus=max(os.cpu_count() or 1, needed + 1),
+        include_dashboard=False,
+        runtime_env={
+            "env_vars": dict(QUIET_WORKER_ENV),
+            "worker_process_setup_hook": "anchorless.platform.progress.quiet_worker_logs",
+        },
+        **output,
+    )
     return True
 
 
@@ -269,6 +285,7 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from anchorless.platform.data import build_dataset
+    from anchorless.platform.progress import QUIET_WORKER_ENV
     from anchorless.platform.worker import train_loop_per_worker
 
     DataContext.get_current().enable_progress_bars = False  # the driver shows one bar, ours
@@ -309,7 +326,7 @@ def build_trainer(
                 checkpoint_score_order=training.checkpoint.mode,
             ),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": worker_env(training.use_gpu)},
+            worker_runtime_env={"env_vars": {**worker_env(training.use_gpu), **QUIET_WORKER_ENV}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
@@ -337,7 +354,7 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, restart: bool = 
     deletes the old run directory and starts afresh.
 
     Returns ``{run_id, run_name, model_uri, checkpoint, export, tracking_uri, epoch,
-    step, minutes, AP, AP50, AP75, APs, APm, APl, AR100, duplicate_rate}``.
+    step, minutes, nonfinite_steps, AP, AP50, AP75, APs, APm, APl, AR100, duplicate_rate}``.
     Raises ConfigError / DataError / TrackingError before any worker starts, and
     TrainingError when training cannot finish.
     """
@@ -356,7 +373,7 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, restart: bool = 
     _write_atomic(plan.run_dir / "deepspeed_config.json", json.dumps(plan.deepspeed_config, indent=2))
     tracker.log_params_and_config(cfg, plan.deepspeed_config, plan.manifest)
 
-    started_ray = connect_ray(address, cfg)
+    started_ray = connect_ray(address, cfg, verbose=logging.getLogger("ray").isEnabledFor(logging.DEBUG))
     try:
         _check_cluster(cfg)
         result = _fit(cfg, plan, tracker, progress=progress)
@@ -406,6 +423,7 @@ def _root_cause(exc: BaseException) -> str:
 
 def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, minutes: float) -> dict[str, Any]:
     """Export the latest checkpoint, log and register it, write the summary."""
+    from anchorless.platform.engine import model_state_dict
     from anchorless.platform.export import export_checkpoint, log_and_register
     from anchorless.platform.worker import STATE_FILE
 
@@ -415,7 +433,7 @@ def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, 
     state = json.loads((checkpoint_dir / STATE_FILE).read_text())
     metrics = dict(state.get("metrics", {}))
     metrics.update({k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))})
-    export_path = export_checkpoint(checkpoint_dir, cfg, plan.manifest, plan.run_dir / EXPORT_FILE)
+    export_path = export_checkpoint(model_state_dict(checkpoint_dir), cfg, plan.manifest, plan.run_dir / EXPORT_FILE)
     model_uri = log_and_register(tracker, export_path, cfg, metrics)
     summary = {
         "run_id": tracker.run_id,
@@ -427,6 +445,7 @@ def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, 
         "epoch": metrics.get("epoch"),
         "step": metrics.get("step"),
         "minutes": round(minutes, 2),
+        "nonfinite_steps": metrics.get("nonfinite_steps", 0),
         **{key: metrics[key] for key in SUMMARY_METRICS if key in metrics},
     }
     _write_atomic(plan.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))

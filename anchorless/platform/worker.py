@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from anchorless.platform.config import ExperimentConfig
 from anchorless.platform.engine import build_engine, load_engine, save_engine
-from anchorless.platform.progress import ProgressSender
+from anchorless.platform.progress import ProgressSender, forward_worker_warnings, quiet_worker_logs
 
 STATE_FILE = "anchorless_state.json"
 NUM_SAMPLE_IMAGES = 8  # validation images drawn with their detections in MLflow
@@ -52,6 +52,7 @@ class LoopState:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    quiet_worker_logs()  # again: Ray Train configured this process's logging after the setup hook ran
     cfg = ExperimentConfig.model_validate(config["cfg"])
     plan: dict[str, Any] = config["plan"]
     training = cfg.training
@@ -60,6 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(training.torch_threads or training.cpus_per_worker)
     torch.manual_seed(training.seed)  # same initial weights everywhere (DeepSpeed also broadcasts rank 0's)
     device = ray.train.torch.get_device()
+    forward_worker_warnings(plan.get("progress_queue"), rank)
 
     from anchorless.detectors import build_detector
     from anchorless.platform.data import iter_batches_for_steps
@@ -251,7 +253,7 @@ def _score(
         detections, image_ids, scales=[scale for _, scale, _ in everything], label_to_category_id=plan["label_to_category_id"]
     )
     coco_gt = _ground_truth(plan["val_dir"])
-    summary = coco_eval(coco_gt, results, image_ids=image_ids)
+    summary = coco_eval(coco_gt, results)  # every ground-truth image counts, predicted or not
     summary["duplicate_rate"] = duplicate_rate(
         detections,
         score_threshold=cfg.evaluation.duplicate_score_threshold,

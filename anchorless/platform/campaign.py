@@ -146,9 +146,18 @@ class Campaign:
 
 
 def load_campaign(path: str | Path, overrides: Sequence[str] = ()) -> Campaign:
-    """Read and check a campaign file (with ``key.path=value`` overrides of the campaign itself)."""
+    """Read and check a campaign file.
+
+    ``overrides`` whose first key is a campaign field (``num_samples=2``,
+    ``scheduler.kind=fifo``) change the campaign; all others (``data.train=...``,
+    ``training.epochs=2``) are added to its base-config overrides for every trial.
+    """
     path = Path(path)
-    raw = apply_overrides(read_yaml(path), list(overrides))
+    own = [o for o in overrides if o.split("=", 1)[0].split(".", 1)[0] in CampaignConfig.model_fields]
+    raw = apply_overrides(read_yaml(path), own)
+    for_trials = [o for o in overrides if o not in own]
+    if for_trials:
+        raw["overrides"] = [*raw.get("overrides", []), *for_trials]
     try:
         campaign = CampaignConfig.model_validate(raw)
     except ValidationError as exc:

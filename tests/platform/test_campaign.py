@@ -64,3 +64,10 @@ def test_malformed_distributions_and_algorithm_mismatch_are_clear(tmp_path):
         load_campaign(write_campaign(tmp_path, search_space={"training.optimizer.lr": {"normal": [0, 1]}}))
     with pytest.raises(ConfigError, match="grid needs every dimension"):
         load_campaign(write_campaign(tmp_path, search={"algorithm": "grid"}))
+
+
+def test_command_line_overrides_split_between_campaign_and_trials(tmp_path):
+    campaign = load_campaign(write_campaign(tmp_path), ["num_samples=2", "training.epochs=5", "data.batch_size=4"])
+    assert campaign.spec.num_samples == 2
+    assert campaign.base.training.epochs == 5 and campaign.base.data.batch_size == 4
+    assert campaign.trial({"detector.assigner.cost_cls": 2.0}).data.batch_size == 4

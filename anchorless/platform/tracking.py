@@ -195,14 +195,18 @@ def mlflow_store(uri: str) -> Iterator[None]:
 
 
 def manifest_checksum(manifest: Mapping[str, Any]) -> str:
-    """The data manifest's identity: the sha256 of its file when the reader recorded it,
-    else the sha256 of its canonical JSON (same content, same checksum)."""
-    for key in ("manifest_sha256", "sha256"):
-        value = manifest.get(key)
-        if isinstance(value, str) and len(value) == 64:
-            return value
-    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """sha256 of the manifest as ``anchorless data shard`` writes it: the bytes of its
+    ``manifest.json`` (which lists every shard's checksum), so the data set a model was
+    trained on is recognised by the registry's checksum of a shard directory."""
+    text = json.dumps(manifest, indent=2, default=str) + "\n"  # the shard writer's layout
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_checksum(manifest: Mapping[str, Any]) -> str | None:
+    """sha256 of the COCO JSON the shards were made from, if the manifest records it."""
+    source = manifest.get("source")
+    value = source.get("sha256") if isinstance(source, Mapping) else manifest.get("source_sha256")
+    return value if isinstance(value, str) else None
 
 
 @functools.cache
@@ -363,8 +367,8 @@ class Tracker:
             self._call("log_batch(params)", self.client.log_batch, self.run_id, params=list(chunk))
 
         tags = {TAG_MANIFEST_SHA256: manifest_checksum(manifest), TAG_VERSION: _anchorless_version(), TAG_CONFIG_NAME: cfg.name}
-        source_sha = manifest.get("source_sha256")
-        if isinstance(source_sha, str):
+        source_sha = source_checksum(manifest)
+        if source_sha:
             tags[TAG_SOURCE_SHA256] = source_sha
         state = git_state()
         if state is not None:

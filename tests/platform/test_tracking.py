@@ -22,6 +22,7 @@ from anchorless.platform.tracking import (
     DEEPSPEED_ARTIFACT,
     TAG_GIT_COMMIT,
     TAG_MANIFEST_SHA256,
+    TAG_SOURCE_SHA256,
     TAG_VERSION,
     Tracker,
     TrackingError,
@@ -30,7 +31,7 @@ from anchorless.platform.tracking import (
     param_value,
 )
 
-MANIFEST = {"source_sha256": "ab" * 32, "categories": [{"id": 1, "name": "a", "label": 0}], "num_images": 4}
+MANIFEST = {"source": {"sha256": "ab" * 32}, "categories": [{"label": 0, "coco_id": 1, "name": "a"}], "num_images": 4}
 DEEPSPEED = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}}
 
 
@@ -89,6 +90,7 @@ def test_start_uses_the_workspace_sqlite_store_and_logs_params_tags_and_config_a
     assert sum(params for _, params, _ in spy.batches) == len(flat)
 
     assert run.data.tags[TAG_MANIFEST_SHA256] == manifest_checksum(MANIFEST)
+    assert run.data.tags[TAG_SOURCE_SHA256] == "ab" * 32
     assert run.data.tags[TAG_VERSION] == "0.1.0"
     state = git_state()
     if state is None:

@@ -73,6 +73,11 @@ class DataConfig(_Section):
         None, ge=1, description="parallel decode/augment tasks; None lets Ray decide"
     )
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched per worker")
+    cache_encoded: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="keep the shards' encoded rows in Ray's object store after one read, so epochs "
+        "only decode; auto = when they fit in a quarter of the object store",
+    )
 
     @field_validator("image_size")
     @classmethod

@@ -42,7 +42,7 @@ import torch
 
 from anchorless.platform.config import AugmentConfig, DataConfig
 from anchorless.platform.errors import DataError
-from anchorless.platform.shards import read_manifest, shard_uris
+from anchorless.platform.shards import read_manifest, resolve_location
 from anchorless.platform.transforms import Sample, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,12 @@ def build_dataset(
     seed: int = 0,
     block_rows: int = DECODE_BLOCK_ROWS,
 ) -> "ray.data.Dataset":  # noqa: F821 - ray is imported lazily
-    """A lazy Ray Dataset of decoded, transformed, fixed-shape rows (see the module docstring).
+    """A Ray Dataset of decoded, transformed, fixed-shape rows (see the module docstring).
+
+    Lazy, except that with ``data_cfg.cache_encoded`` (by default when the shards
+    fit in a quarter of the object store) the shards are read once here and their
+    encoded rows stay in the object store; each epoch then only decodes and
+    augments.
 
     Args:
         shard_dir: a directory written by :func:`anchorless.platform.shards.write_shards`
@@ -81,7 +86,7 @@ def build_dataset(
         data_cfg: the config's ``data`` section (image size, max boxes, augmentation,
             decode concurrency).
         train: augment (when ``data_cfg.augment.enabled``) and shuffle shard order;
-            otherwise only letterbox, in shard order.
+            otherwise only letterbox (row order is not guaranteed either way).
         seed: the run's seed (``training.seed``) for augmentation and file order.
         block_rows: rows per decode task (a throughput knob, see ``DECODE_BLOCK_ROWS``).
     """
@@ -89,8 +94,12 @@ def build_dataset(
 
     manifest = read_manifest(shard_dir)
     augment = data_cfg.augment if train and data_cfg.augment.enabled else None
+    filesystem, base = resolve_location(shard_dir)
     dataset = ray.data.read_parquet(
-        shard_uris(shard_dir, manifest),
+        [f"{base}/{shard['file']}" for shard in manifest["shards"]],
+        columns=["image_id", "width", "height", "image", "boxes", "labels", "iscrowd"],
+        # The resolved filesystem: left to infer it, Ray probes for one on every epoch.
+        filesystem=filesystem,
         shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None,
         # Hive partitioning would read "key=value" path parts as columns.
         partitioning=None,
@@ -98,6 +107,12 @@ def build_dataset(
     # Streaming split of each shard into small blocks: without it one shard is
     # one read task, and all of its images would decode in a single process.
     dataset = dataset.repartition(target_num_rows_per_block=block_rows)
+    if _should_cache(manifest, data_cfg.cache_encoded):
+        # Every epoch is a new execution; listing, reading and splitting the
+        # shards again costs seconds each time, decoding from cached blocks none.
+        dataset = dataset.materialize()
+        if train:  # the file shuffle above ran once; shuffle block order every epoch instead
+            dataset = dataset.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset.map_batches(
         decode_and_transform,
         batch_size=block_rows,
@@ -109,9 +124,18 @@ def build_dataset(
             "augment": augment.model_dump() if augment is not None else None,
             "seed": seed,
         },
-        concurrency=data_cfg.decode_concurrency,
+        compute=ray.data.TaskPoolStrategy(size=data_cfg.decode_concurrency),
         num_cpus=1,
     )
+
+
+def _should_cache(manifest: dict[str, Any], mode: str) -> bool:
+    if mode != "auto":
+        return mode == "always"
+    import ray
+
+    shard_bytes = sum(shard["bytes"] for shard in manifest["shards"])
+    return shard_bytes <= 0.25 * ray.cluster_resources().get("object_store_memory", 0)
 
 
 def _execution_epoch() -> int:
@@ -149,21 +173,14 @@ def decode_and_transform(
         _threads_set = True
     augment_cfg = AugmentConfig(**augment) if augment is not None else None
     epoch = _execution_epoch() if epoch is None else epoch
-    rows = batch.num_rows
-
-    images = np.full((rows, 3, image_size, image_size), 0, dtype=np.uint8)
-    out_boxes = np.zeros((rows, max_boxes, 4), dtype=np.float32)
-    out_labels = np.full((rows, max_boxes), -1, dtype=np.int64)
-    num_boxes = np.zeros(rows, dtype=np.int32)
-    capped = np.zeros(rows, dtype=np.int32)
-    scales = np.zeros(rows, dtype=np.float32)
 
     image_ids = batch.column("image_id").to_numpy()
     encoded = _binary_views(batch.column("image"))
     boxes, box_offsets = _list_values(batch.column("boxes"))
     labels, label_offsets = _list_values(batch.column("labels"))
     crowd, _ = _list_values(batch.column("iscrowd"))
-    for row in range(rows):
+    samples = []
+    for row in range(batch.num_rows):
         image_id = int(image_ids[row])
         try:
             image = decode_image(encoded[row], mode=ImageReadMode.RGB)
@@ -171,16 +188,48 @@ def decode_and_transform(
             raise DataError(f"image id {image_id}: cannot decode the shard's image bytes ({exc})") from None
         start, end = label_offsets[row], label_offsets[row + 1]
         keep = ~crowd[start:end].astype(bool)
-        sample = Sample.create(
-            image,
-            boxes[box_offsets[row] : box_offsets[row + 1]].reshape(-1, 4)[keep],
-            labels[start:end][keep],
+        samples.append(
+            transform_image(
+                image,
+                boxes[box_offsets[row] : box_offsets[row + 1]].reshape(-1, 4)[keep],
+                labels[start:end][keep],
+                image_id=image_id,
+                image_size=image_size,
+                augment=augment_cfg,
+                seed=seed,
+                epoch=epoch,
+            )
         )
-        if augment_cfg is not None:
-            rng = np.random.default_rng([seed, epoch, image_id % 2**63])
-            sample = train_transform(sample, rng, size=image_size, augment=augment_cfg)
-        else:
-            sample = eval_transform(sample, image_size)
+    return pack_samples(
+        samples,
+        image_ids=image_ids,
+        orig_widths=batch.column("width").to_numpy(),
+        orig_heights=batch.column("height").to_numpy(),
+        image_size=image_size,
+        max_boxes=max_boxes,
+        epoch=epoch,
+    )
+
+
+def pack_samples(
+    samples: list[Sample],
+    *,
+    image_ids: np.ndarray,
+    orig_widths: np.ndarray,
+    orig_heights: np.ndarray,
+    image_size: int,
+    max_boxes: int,
+    epoch: int,
+) -> dict[str, np.ndarray]:
+    """Transformed samples → the fixed-shape columns of the module docstring."""
+    rows = len(samples)
+    images = np.empty((rows, 3, image_size, image_size), dtype=np.uint8)
+    out_boxes = np.zeros((rows, max_boxes, 4), dtype=np.float32)
+    out_labels = np.full((rows, max_boxes), -1, dtype=np.int64)
+    num_boxes = np.zeros(rows, dtype=np.int32)
+    capped = np.zeros(rows, dtype=np.int32)
+    scales = np.zeros(rows, dtype=np.float32)
+    for row, sample in enumerate(samples):
         images[row] = sample.image.numpy()
         count = min(len(sample.labels), max_boxes)
         capped[row] = len(sample.labels) - count
@@ -190,7 +239,7 @@ def decode_and_transform(
         scales[row] = sample.scale
     if capped.any():
         log.warning(
-            "%d boxes over the max_boxes=%d cap dropped in a block of %d images (first kept in stored order)",
+            "%d boxes over the max_boxes=%d cap dropped in a block of %d images (the first ones are kept)",
             int(capped.sum()), max_boxes, rows,
         )
     return {
@@ -199,12 +248,36 @@ def decode_and_transform(
         "labels": out_labels,
         "num_boxes": num_boxes,
         "num_boxes_capped": capped,
-        "image_id": image_ids.astype(np.int64),
+        "image_id": np.asarray(image_ids, dtype=np.int64),
         "scale": scales,
-        "orig_width": batch.column("width").to_numpy().astype(np.int32),
-        "orig_height": batch.column("height").to_numpy().astype(np.int32),
+        "orig_width": np.asarray(orig_widths, dtype=np.int32),
+        "orig_height": np.asarray(orig_heights, dtype=np.int32),
         "epoch": np.full(rows, epoch, dtype=np.int32),
     }
+
+
+def transform_image(
+    image: torch.Tensor,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    *,
+    image_id: int,
+    image_size: int,
+    augment: AugmentConfig | None,
+    seed: int,
+    epoch: int,
+) -> Sample:
+    """One decoded image (3, H, W) uint8 and its xyxy boxes → the network input.
+
+    Augmented (when ``augment`` is given) with a generator seeded by
+    (seed, epoch, image id), so an image's augmentation does not depend on which
+    task or worker happens to process it.
+    """
+    sample = Sample.create(image, boxes, labels)
+    if augment is None:
+        return eval_transform(sample, image_size)
+    rng = np.random.default_rng([seed, epoch, image_id % 2**63])
+    return train_transform(sample, rng, size=image_size, augment=augment)
 
 
 def _binary_views(column: pa.ChunkedArray | pa.Array) -> list[torch.Tensor]:
@@ -241,16 +314,19 @@ def to_model_inputs(
     ``scale``, ``orig_width``, ``orig_height``, ``num_boxes_capped``, ``epoch`` (CPU tensors).
     """
     device = torch.device(device)
-    images = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float().div_(255.0)
-    boxes = torch.as_tensor(batch["boxes"])
-    labels = torch.as_tensor(batch["labels"])
-    counts = torch.as_tensor(batch["num_boxes"]).tolist()
+    with warnings.catch_warnings():  # Ray hands out read-only arrays; the image is only read, then converted
+        warnings.simplefilter("ignore", UserWarning)
+        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True).float().div_(255.0)
+    boxes, labels = np.asarray(batch["boxes"]), np.asarray(batch["labels"])
     targets = [
-        {"boxes": boxes[i, :n].to(device), "labels": labels[i, :n].to(device, dtype=torch.int64)}
-        for i, n in enumerate(counts)
+        {
+            "boxes": torch.tensor(boxes[i, :n], dtype=torch.float32, device=device),
+            "labels": torch.tensor(labels[i, :n], dtype=torch.int64, device=device),
+        }
+        for i, n in enumerate(np.asarray(batch["num_boxes"]).tolist())
     ]
     meta = {
-        key: torch.as_tensor(batch[key])
+        key: torch.tensor(np.asarray(batch[key]))
         for key in ("image_id", "scale", "orig_width", "orig_height", "num_boxes_capped", "epoch")
         if key in batch
     }

@@ -1,0 +1,225 @@
+"""Images/s of the Ray Data pipeline vs a torch DataLoader over torchvision's CocoDetection.
+
+Both sides do the same work per image, on the same BCCD images, with the same
+number of CPU workers: decode the JPEG with ``torchvision.io.decode_image``,
+drop crowd boxes, run ``anchorless.platform.data.transform_image`` (the training
+augmentations + letterbox from ``transforms.py``), pack fixed-shape batches with
+``pack_samples`` and hand them to ``to_model_inputs`` as a training worker would.
+
+- ours: Parquet shards → ``build_dataset(train=True)`` (read_parquet, streaming
+  repartition, ``map_batches`` decode tasks) → ``streaming_split(1, equal=True)``,
+  the iterator a Ray Train worker gets → ``iter_batches_for_steps``.
+- peer: ``CocoDetection`` (image loading switched from PIL to the same
+  ``decode_image``, so the decoder is not what is compared) → ``DataLoader`` with
+  ``num_workers`` processes, persistent, pinned off (CPU), collate = ``pack_samples``.
+
+One warm-up epoch each (worker start-up, imports), then ``--epochs`` timed
+epochs; the runs alternate ``--repeats`` times and the median is reported,
+because this machine is shared. Last line: one JSON object.
+
+    .venv/bin/python bench/data_pipeline.py [--bccd DIR] [--workers 2] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from anchorless.platform.config import AugmentConfig, DataConfig  # noqa: E402
+from anchorless.platform.data import (  # noqa: E402
+    build_dataset,
+    iter_batches_for_steps,
+    pack_samples,
+    steps_per_epoch,
+    to_model_inputs,
+    transform_image,
+)
+from anchorless.platform.shards import write_shards  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_bccd = os.environ.get("ANCHORLESS_BCCD", str(REPO / ".." / "shared" / "datasets" / "bccd"))
+    parser.add_argument("--bccd", default=default_bccd, help="BCCD root (annotations/, images/)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2, help="CPU workers on each side")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; median reported")
+    parser.add_argument("--block-rows", type=int, default=None, help="rows per Ray decode task (default: the module's)")
+    return parser.parse_args()
+
+
+# --- ours: Ray Data ----------------------------------------------------------------------------
+
+
+def run_ray(shard_dir: Path, num_images: int, cfg: DataConfig, args: argparse.Namespace) -> float:
+    import ray
+
+    kwargs = {"block_rows": args.block_rows} if args.block_rows else {}
+    dataset = build_dataset(shard_dir, cfg, train=True, **kwargs)
+    (split,) = dataset.streaming_split(1, equal=True)  # what Ray Train hands a worker
+    steps = steps_per_epoch(num_images, 1, cfg.batch_size)
+
+    def epoch() -> int:
+        seen = 0
+        for images, targets, meta in iter_batches_for_steps(
+            split, batch_size=cfg.batch_size, steps=steps, prefetch_batches=cfg.prefetch_batches
+        ):
+            seen += images.shape[0]
+        return seen
+
+    epoch()  # warm-up: worker processes start and import torch
+    start = time.perf_counter()
+    seen = sum(epoch() for _ in range(args.epochs))
+    del split, dataset
+    return seen / (time.perf_counter() - start)
+
+
+# --- peer: torch DataLoader over torchvision CocoDetection ----------------------------------------
+
+
+class DecodedCocoDetection:
+    """CocoDetection with the same decoder and per-image work as the Ray pipeline."""
+
+    def __init__(self, root: str, ann_file: str, *, image_size: int, augment: AugmentConfig, seed: int) -> None:
+        from torchvision.datasets import CocoDetection
+
+        class _Decoded(CocoDetection):
+            def _load_image(self, id: int):  # noqa: A002 - torchvision's signature
+                from torchvision.io import ImageReadMode, decode_image, read_file
+
+                return decode_image(read_file(os.path.join(self.root, self.coco.loadImgs(id)[0]["file_name"])), mode=ImageReadMode.RGB)
+
+        self.coco = _Decoded(root, ann_file)
+        self.image_size, self.augment, self.seed = image_size, augment, seed
+        label_of = {cat: label for label, cat in enumerate(sorted(self.coco.coco.getCatIds()))}
+        self.label_of = label_of
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def __getitem__(self, index: int):
+        image, annotations = self.coco[index]
+        image_id = self.coco.ids[index]
+        kept = [a for a in annotations if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in kept)], dtype=np.float32)
+        labels = np.array([self.label_of[a["category_id"]] for a in kept], dtype=np.int64)
+        height, width = image.shape[-2:]
+        sample = transform_image(
+            image, boxes.reshape(-1, 4), labels, image_id=image_id, image_size=self.image_size,
+            augment=self.augment, seed=self.seed, epoch=0,
+        )
+        return sample, image_id, width, height
+
+
+def _collate(items, *, image_size: int, max_boxes: int):
+    samples, ids, widths, heights = zip(*items)
+    packed = pack_samples(
+        list(samples), image_ids=np.array(ids), orig_widths=np.array(widths), orig_heights=np.array(heights),
+        image_size=image_size, max_boxes=max_boxes, epoch=0,
+    )
+    return {key: torch.from_numpy(value) for key, value in packed.items()}  # shared memory across processes
+
+
+def run_dataloader(bccd: Path, cfg: DataConfig, args: argparse.Namespace) -> float:
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    dataset = DecodedCocoDetection(
+        str(bccd / "images"), str(bccd / "annotations" / f"instances_{args.split}.json"),
+        image_size=cfg.image_size, augment=cfg.augment, seed=0,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        persistent_workers=True,
+        prefetch_factor=cfg.prefetch_batches,
+        collate_fn=partial(_collate, image_size=cfg.image_size, max_boxes=cfg.max_boxes),
+        worker_init_fn=lambda _: torch.set_num_threads(1),
+    )
+
+    def epoch() -> int:
+        seen = 0
+        for batch in loader:
+            images, targets, meta = to_model_inputs(batch, "cpu")
+            seen += images.shape[0]
+        return seen
+
+    epoch()  # warm-up: worker processes start
+    start = time.perf_counter()
+    seen = sum(epoch() for _ in range(args.epochs))
+    rate = seen / (time.perf_counter() - start)
+    del loader
+    return rate
+
+
+def main() -> None:
+    args = parse_args()
+    bccd = Path(args.bccd)
+    if not (bccd / "annotations" / f"instances_{args.split}.json").is_file():
+        sys.exit(f"BCCD not found at {bccd} (pass --bccd or set ANCHORLESS_BCCD)")
+    cfg = DataConfig(image_size=args.image_size, batch_size=args.batch_size, decode_concurrency=args.workers)
+
+    import ray
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = Path(tmp) / "shards"
+        manifest = write_shards(
+            bccd / "annotations" / f"instances_{args.split}.json", bccd / "images", shard_dir, progress=False
+        )
+        ray_rates, loader_rates = [], []
+        for _ in range(args.repeats):
+            ray_rates.append(run_ray(shard_dir, manifest["num_images"], cfg, args))
+            loader_rates.append(run_dataloader(bccd, cfg, args))
+            print(f"  run: ray {ray_rates[-1]:.1f} img/s, dataloader {loader_rates[-1]:.1f} img/s", flush=True)
+    ray.shutdown()
+
+    ours, peer = statistics.median(ray_rates), statistics.median(loader_rates)
+    ratio = ours / peer
+    print()
+    print(f"BCCD {args.split}: {manifest['num_images']} images 640x480 -> {args.image_size}px, train augmentations, "
+          f"batch {args.batch_size}, {args.workers} CPU workers each, {args.epochs} epochs x {args.repeats} runs (median)")
+    print(f"{'pipeline':<44} {'images/s':>9}")
+    print(f"{'ours: Ray Data (read_parquet + map_batches)':<44} {ours:>9.1f}")
+    print(f"{'peer: DataLoader(CocoDetection)':<44} {peer:>9.1f}")
+    print(f"{'ratio ours/peer':<44} {ratio:>9.2f}x")
+    print(json.dumps({
+        "benchmark": "data_pipeline",
+        "dataset": f"bccd/{args.split}",
+        "images": manifest["num_images"],
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "ray_images_per_s": round(ours, 1),
+        "dataloader_images_per_s": round(peer, 1),
+        "ray_runs": [round(r, 1) for r in ray_rates],
+        "dataloader_runs": [round(r, 1) for r in loader_rates],
+        "ray_vs_dataloader_ratio": round(ratio, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from anchorless.platform.errors import AnchorlessError, DataError
-from anchorless.platform.export import ModelError, category_table, export_meta, load_export, model_from_export
+from anchorless.platform.export import ModelError, category_table, export_meta, is_mlflow_uri, load_export, model_from_export
 from anchorless.platform.predict import to_original_pixels, write_json_atomic
 from anchorless.platform.tracking import manifest_checksum
 
@@ -39,23 +39,26 @@ class EvaluationError(AnchorlessError):
 
 
 class _BatchPredictor:
-    """A Ray Data actor: builds the model once, then maps decoded batches to detections.
+    """A Ray Data actor: loads the model once, then maps decoded batches to detections.
 
-    Output, one row per image: ``image_id`` and the image's detections in original
-    pixels as lists (``labels``, ``scores`` and flat xyxy ``boxes``, 4 per detection).
+    The model comes from ``source`` (an export path or MLflow URI, loaded by the
+    actor itself) or, for an in-memory model, from the object store. Output, one
+    row per image: ``image_id`` and the image's detections in original pixels as
+    lists (``labels``, ``scores`` and flat xyxy ``boxes``, 4 per detection).
     """
 
-    def __init__(self, model_ref: list, torch_threads: int | None, use_gpu: bool) -> None:
-        import ray
-
-        loaded = ray.get(model_ref[0])  # wrapped in a list so Ray hands over the reference itself
+    def __init__(
+        self, source: str | None, tracking_uri: str | None, model_ref: list | None, torch_threads: int, use_gpu: bool
+    ) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if isinstance(loaded, Mapping):  # an export payload
-            self.model, _ = model_from_export(loaded, device=self.device)
-        else:  # an already-built model
-            self.model = loaded.to(self.device).eval()
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        torch.set_num_threads(torch_threads)
+        if source is not None:
+            self.model, _ = model_from_export(load_export(source, tracking_uri=tracking_uri), device=self.device)
+        else:
+            import ray
+
+            model = ray.get(model_ref[0])  # wrapped in a list so Ray hands over the reference itself
+            self.model = model.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images = torch.from_numpy(batch["image"]).to(self.device).float().div_(255.0)  # (B, 3, S, S)
@@ -143,14 +146,17 @@ def evaluate(
 
     started = time.perf_counter()
     manifest = read_manifest(shard_dir)
-    if isinstance(model_source, tuple):
+    in_memory = isinstance(model_source, tuple)
+    store = tracking_uri or _workspace_store(workspace)
+    if in_memory:
         model, meta = model_source
-        shipped: Any = model.cpu()
     else:
-        payload = load_export(model_source, tracking_uri=tracking_uri or _workspace_store(workspace))
-        meta = export_meta(payload)
-        meta["source"] = payload["source"]
-        shipped = payload
+        model_source = os.fspath(model_source)
+        if not is_mlflow_uri(model_source):
+            model_source = str(Path(model_source).resolve())  # actors may run in another directory
+        payload = load_export(model_source, tracking_uri=store)
+        meta = {**export_meta(payload), "source": payload["source"]}
+        del payload  # each actor loads its own copy
     check_categories(meta["categories"], manifest, shard_dir)
     data_cfg = DataConfig.model_validate({**meta["config"]["data"], "train": None, "val": None})
     label_to_category = {int(c["label"]): int(c["coco_id"]) for c in meta["categories"]}
@@ -162,18 +168,20 @@ def evaluate(
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
         concurrency = _fit_concurrency(concurrency, cpus_per_actor, gpus_per_actor)
-        model_ref = ray.put(shipped)
+        model_ref = ray.put(model.cpu()) if in_memory else None
         dataset = build_dataset(shard_dir, data_cfg, train=False)
         predictions = dataset.map_batches(
             _BatchPredictor,
             fn_constructor_kwargs={
-                "model_ref": [model_ref],
+                "source": None if in_memory else model_source,
+                "tracking_uri": store,
+                "model_ref": [model_ref] if in_memory else None,
                 "torch_threads": max(1, int(cpus_per_actor)),
                 "use_gpu": gpus_per_actor > 0,
             },
             batch_size=batch_size,
             batch_format="numpy",
-            concurrency=concurrency,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor or None,
         )
@@ -215,7 +223,7 @@ def evaluate(
     }
     write_json_atomic(out / RESULTS_FILE, results)
     write_json_atomic(out / SUMMARY_FILE, summary)
-    log.info("evaluated %d images in %.1fs: AP %.4f AP50 %.4f -> %s", len(seen), seconds, summary["AP"], out)
+    log.info("evaluated %d images in %.1fs: AP %.4f AP50 %.4f -> %s", len(seen), seconds, summary["AP"], summary["AP50"], out)
     return summary
 
 

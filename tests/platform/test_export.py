@@ -137,6 +137,10 @@ def test_logged_model_loads_back_as_pyfunc_registers_versions_with_metric_tags_a
     assert version.tags["AP"] == "0.600000" and version.tags["AP50"] == "0.750000"
     assert version.tags["duplicate_rate"] == "0.010000" and version.tags["per_class_AP.rectangle"] == "0.400000"
     assert version.tags[TAG_MANIFEST_SHA256] == manifest_checksum(MANIFEST)
+    # Both logged models sit in the run's experiment, their files under the workspace.
+    logged = client.search_logged_models([tracker.experiment_id])
+    assert len(logged) == 2 and {m.source_run_id for m in logged} == {tracker.run_id}
+    assert all(m.artifact_location.startswith((root / "workspace" / "mlartifacts").as_uri()) for m in logged)
 
     # The pyfunc flavour: encoded images in, detections in original pixels out.
     image = read_image(image_path)

@@ -23,7 +23,14 @@ import pyarrow as pa
 import torch
 
 from anchorless.platform.errors import AnchorlessError, DataError
-from anchorless.platform.export import ModelError, category_table, export_meta, is_mlflow_uri, load_export, model_from_export
+from anchorless.platform.export import (
+    ModelError,
+    category_table,
+    export_meta,
+    is_mlflow_uri,
+    load_export,
+    model_from_export,
+)
 from anchorless.platform.predict import to_original_pixels, write_json_atomic
 from anchorless.platform.tracking import manifest_checksum
 
@@ -66,9 +73,8 @@ class _BatchPredictor:
             detections = self.model.predict(images)
         labels, scores, boxes = [], [], []
         for index, detection in enumerate(detections):
-            original = to_original_pixels(
-                detection, float(batch["scale"][index]), int(batch["orig_width"][index]), int(batch["orig_height"][index])
-            )
+            width, height = int(batch["orig_width"][index]), int(batch["orig_height"][index])
+            original = to_original_pixels(detection, float(batch["scale"][index]), width, height)
             labels.append(original["labels"].numpy().astype(np.int32))
             scores.append(original["scores"].numpy().astype(np.float32))
             boxes.append(original["boxes"].numpy().astype(np.float32).reshape(-1))
@@ -85,7 +91,9 @@ class _BatchPredictor:
 def check_categories(model_categories: list[Mapping[str, Any]], manifest: Mapping[str, Any], shard_dir: Any) -> None:
     """The model's label → category table must be the shards' (same ids, names, order)."""
     expected = category_table(manifest)
-    actual = [{"label": int(c["label"]), "coco_id": int(c["coco_id"]), "name": str(c["name"])} for c in model_categories]
+    actual = [
+        {"label": int(c["label"]), "coco_id": int(c["coco_id"]), "name": str(c["name"])} for c in model_categories
+    ]
     if actual != expected:
 
         def show(table: list[Mapping[str, Any]]) -> str:
@@ -198,7 +206,9 @@ def evaluate(
     expected_ids = {image["id"] for image in coco_gt["images"]}
     if seen != expected_ids:
         missing = sorted(expected_ids - seen)
-        raise DataError(f"{shard_dir}: {len(missing)} of {len(expected_ids)} images were not predicted (ids {missing[:10]})")
+        raise EvaluationError(
+            f"{shard_dir}: {len(missing)} of {len(expected_ids)} images were not predicted (ids {missing[:10]})"
+        )
     results = detections_to_coco_results(detections, image_ids, label_to_category_id=label_to_category)
     metrics = coco_eval(coco_gt, results)
     seconds = time.perf_counter() - started
@@ -223,7 +233,9 @@ def evaluate(
     }
     write_json_atomic(out / RESULTS_FILE, results)
     write_json_atomic(out / SUMMARY_FILE, summary)
-    log.info("evaluated %d images in %.1fs: AP %.4f AP50 %.4f -> %s", len(seen), seconds, summary["AP"], summary["AP50"], out)
+    log.info(
+        "evaluated %d images in %.1fs: AP %.4f AP50 %.4f -> %s", len(seen), seconds, summary["AP"], summary["AP50"], out
+    )
     return summary
 
 
@@ -232,7 +244,8 @@ def _collect(
 ) -> None:
     """Append one batch of actor output as per-image detections (original pixels)."""
     columns = table.to_pydict()
-    for image_id, labels, scores, boxes in zip(columns["image_id"], columns["labels"], columns["scores"], columns["boxes"]):
+    rows = zip(columns["image_id"], columns["labels"], columns["scores"], columns["boxes"])
+    for image_id, labels, scores, boxes in rows:
         if image_id in seen:
             raise DataError(f"image id {image_id} appears twice in the shards")
         seen.add(image_id)
@@ -266,7 +279,8 @@ def _fit_concurrency(concurrency: int, cpus_per_actor: float, gpus_per_actor: fl
         fitting = min(fitting, int(float(resources.get("GPU", 0)) // gpus_per_actor))
         if fitting < 1:
             raise EvaluationError(
-                f"evaluate asks for {gpus_per_actor:g} GPU(s) per actor; the Ray cluster has {resources.get('GPU', 0):g}"
+                f"evaluate asks for {gpus_per_actor:g} GPU(s) per actor; "
+                f"the Ray cluster has {resources.get('GPU', 0):g}"
             )
     if concurrency > fitting:
         log.warning("evaluate: %d inference actors do not fit beside the readers on %g CPUs; using %d",

@@ -66,7 +66,8 @@ def category_table(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The manifest's categories as plain ``{"label", "coco_id", "name"}`` dicts, by label."""
     try:
         table = [
-            {"label": int(c["label"]), "coco_id": int(c["coco_id"]), "name": str(c["name"])} for c in manifest["categories"]
+            {"label": int(c["label"]), "coco_id": int(c["coco_id"]), "name": str(c["name"])}
+            for c in manifest["categories"]
         ]
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"data manifest: no usable category table ({exc!r})") from None
@@ -149,11 +150,15 @@ def read_export(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(f"{path}: not an {FORMAT} export (a raw checkpoint? export it with export_checkpoint)")
     if payload.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path}: export format_version {payload.get('format_version')!r}; this version reads {FORMAT_VERSION}")
+        raise ModelError(
+            f"{path}: export format_version {payload.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+        )
     return payload
 
 
-def model_from_export(payload: Mapping[str, Any], *, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def model_from_export(
+    payload: Mapping[str, Any], *, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the detector the export describes and load its weights; (model in eval mode, meta)."""
     from anchorless.detectors import build_detector
 
@@ -220,7 +225,8 @@ def load_export(source: str | os.PathLike[str], *, tracking_uri: str | None = No
             path = find_export_file(path)
         elif not path.exists():
             raise ModelError(
-                f"{source}: no such model file, directory or MLflow URI (models:/NAME/VERSION, models:/NAME@alias, runs:/RUN/model)"
+                f"{source}: no such model file, directory or MLflow URI "
+                "(models:/NAME/VERSION, models:/NAME@alias, runs:/RUN/model)"
             )
         payload = read_export(path)
     payload["source"] = str(source)
@@ -236,7 +242,9 @@ def _load_mlflow_export(uri: str, tracking_uri: str | None) -> dict[str, Any]:
         try:
             # models:/ URIs resolve through MLflow's process-wide registry URI, whatever is passed.
             with mlflow_store(store):
-                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=tmp, tracking_uri=store, registry_uri=store
+                )
         except MlflowException as exc:
             message = str(exc).splitlines()[0][:300]
             raise ModelError(f"{uri}: cannot be resolved in tracking store {store} ({message})") from None
@@ -280,7 +288,8 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         detections = detect(self.model, images, image_size=self.meta["image_size"], score_threshold=threshold)
         rows = []
         for index, detection in enumerate(detections):
-            for box, score, label in zip(detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist()):
+            columns = (detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist())
+            for box, score, label in zip(*columns):
                 category_id = self.label_to_category[int(label)]
                 x0, y0, x1, y1 = box
                 rows.append((index, category_id, self.names[category_id], float(score), x0, y0, x1 - x0, y1 - y0))

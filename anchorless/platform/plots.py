@@ -8,6 +8,7 @@ agree with the AP figures; boxes are drawn with torchvision's
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -50,12 +51,16 @@ def precision_recall_curves(
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
         ground_truth = COCO()
-        ground_truth.dataset = {key: list(value) if isinstance(value, list) else value for key, value in coco_gt.items()}
+        ground_truth.dataset = copy.deepcopy(dict(coco_gt))  # COCOeval marks annotations in place
+        for annotation in ground_truth.dataset.get("annotations", []):  # fields hand-made sets omit
+            annotation.setdefault("iscrowd", 0)
+            annotation.setdefault("area", float(annotation["bbox"][2] * annotation["bbox"][3]))
         ground_truth.createIndex()
         categories = {category["id"]: category["name"] for category in ground_truth.dataset.get("categories", [])}
         if not coco_results:
+            empty = np.zeros(0)
             return [
-                PRCurve(category_id, name, np.zeros(0), np.zeros(0), -1.0 if not ground_truth.getAnnIds(catIds=[category_id]) else 0.0)
+                PRCurve(category_id, name, empty, empty, 0.0 if ground_truth.getAnnIds(catIds=[category_id]) else -1.0)
                 for category_id, name in sorted(categories.items())
             ]
         # loadRes adds keys to each result dict; give it copies.
@@ -74,9 +79,8 @@ def precision_recall_curves(
         values = precision[iou_index, :, k, area_index, dets_index]
         valid = values > -1
         average_precision = float(values[valid].mean()) if valid.any() else -1.0
-        curves.append(
-            PRCurve(category_id, categories.get(category_id, str(category_id)), recall_points[valid], values[valid], average_precision)
-        )
+        name = categories.get(category_id, str(category_id))
+        curves.append(PRCurve(category_id, name, recall_points[valid], values[valid], average_precision))
     return curves
 
 
@@ -92,7 +96,10 @@ def plot_pr_curve(curve: PRCurve, *, iou_threshold: float = 0.5):
     if curve.recall.size:
         axes.plot(curve.recall, curve.precision, color=np.array(class_color(0)) / 255, linewidth=2)
         axes.fill_between(curve.recall, curve.precision, alpha=0.15, color=np.array(class_color(0)) / 255)
-    ap_text = "no ground truth" if curve.average_precision < 0 else f"AP{int(round(iou_threshold * 100))} = {curve.average_precision:.3f}"
+    if curve.average_precision < 0:
+        ap_text = "no ground truth"
+    else:
+        ap_text = f"AP{int(round(iou_threshold * 100))} = {curve.average_precision:.3f}"
     axes.set_title(f"{curve.name} (id {curve.category_id}): {ap_text}", fontsize=10)
     axes.set_xlabel("recall")
     axes.set_ylabel("precision")

@@ -111,7 +111,8 @@ def detect(
         with torch.inference_mode():
             detections = model.predict(batch.to(device).float().div_(255.0))
         for image, detection, scale in zip(chunk, detections, scales):
-            results.append(to_original_pixels(detection, scale, int(image.shape[-1]), int(image.shape[-2]), score_threshold))
+            width, height = int(image.shape[-1]), int(image.shape[-2])
+            results.append(to_original_pixels(detection, scale, width, height, score_threshold))
     return results
 
 
@@ -152,7 +153,8 @@ def predict_images(
         raise DataError("predict: no image files given")
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:
-        raise DataError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{missing[0]}: no such image file{more}")
     model, meta = load_model(model_source, tracking_uri=tracking_uri)
     image_size = int(meta["image_size"])
     categories = meta["categories"]
@@ -167,7 +169,9 @@ def predict_images(
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         pixels = [read_image(path) for path in chunk]
-        detections = detect(model, pixels, image_size=image_size, score_threshold=score_threshold, batch_size=batch_size)
+        detections = detect(
+            model, pixels, image_size=image_size, score_threshold=score_threshold, batch_size=batch_size
+        )
         for offset, (path, image, detection) in enumerate(zip(chunk, pixels, detections)):
             image_id = start + offset + 1
             records = coco_records(detection, image_id, category_of, names, first_id=len(annotations) + 1)

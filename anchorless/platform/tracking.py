@@ -360,13 +360,19 @@ class Tracker:
         changed = sorted(key for key, value in wanted.items() if key in logged and logged[key] != value)
         if changed:
             log.warning(
-                "MLflow: resumed run %s keeps its original params; changed on resume: %s", self.run_id, ", ".join(changed)
+                "MLflow: resumed run %s keeps its original params; changed on resume: %s",
+                self.run_id,
+                ", ".join(changed),
             )
         params = [Param(key, value) for key, value in wanted.items() if key not in logged]
         for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
             self._call("log_batch(params)", self.client.log_batch, self.run_id, params=list(chunk))
 
-        tags = {TAG_MANIFEST_SHA256: manifest_checksum(manifest), TAG_VERSION: _anchorless_version(), TAG_CONFIG_NAME: cfg.name}
+        tags = {
+            TAG_MANIFEST_SHA256: manifest_checksum(manifest),
+            TAG_VERSION: _anchorless_version(),
+            TAG_CONFIG_NAME: cfg.name,
+        }
         source_sha = source_checksum(manifest)
         if source_sha:
             tags[TAG_SOURCE_SHA256] = source_sha
@@ -379,7 +385,8 @@ class Tracker:
 
         self._call("log_text(config)", self.client.log_text, self.run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
         if deepspeed_config is not None:
-            self._call("log_dict(deepspeed)", self.client.log_dict, self.run_id, dict(deepspeed_config), DEEPSPEED_ARTIFACT)
+            deepspeed = dict(deepspeed_config)
+            self._call("log_dict(deepspeed)", self.client.log_dict, self.run_id, deepspeed, DEEPSPEED_ARTIFACT)
         self._call("log_dict(manifest)", self.client.log_dict, self.run_id, _jsonable(manifest), MANIFEST_ARTIFACT)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:

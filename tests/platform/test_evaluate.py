@@ -25,7 +25,9 @@ def shard_dir(tmp_path_factory) -> Path:
     from anchorless.platform.synth import generate_synthetic_coco
 
     root = tmp_path_factory.mktemp("evaluate")
-    files = generate_synthetic_coco(root / "synth", num_images=2 * NUM_IMAGES, size=128, seed=3, val_fraction=0.5, progress=False)
+    files = generate_synthetic_coco(
+        root / "synth", num_images=2 * NUM_IMAGES, size=128, seed=3, val_fraction=0.5, progress=False
+    )
     out = root / "shards" / "val"
     write_shards(files["val"], root / "synth" / "images", out, workers=1, progress=False)
     return out
@@ -112,7 +114,8 @@ def test_a_model_predicting_the_ground_truth_scores_ap_one_and_shifted_boxes_sco
     # IoU (1 - s) / (1 + s) = 0.725 with the truth: a hit at IoU thresholds 0.50..0.70, a miss
     # at 0.75..0.95, so AP = 5/10, AP50 = 1 and AP75 = 0.
     shift = 0.275 / 1.725
-    shifted = evaluate(_oracle(shard_dir, truth, shift), shard_dir, batch_size=3, out_dir=tmp_path / "shifted", progress=False)
+    shifted_oracle = _oracle(shard_dir, truth, shift)
+    shifted = evaluate(shifted_oracle, shard_dir, batch_size=3, out_dir=tmp_path / "shifted", progress=False)
     assert shifted["AP"] == pytest.approx(0.5, abs=1e-9)
     assert shifted["AR100"] == pytest.approx(0.5, abs=1e-9)
     assert (shifted["AP50"], shifted["AP75"]) == (1.0, 0.0)
@@ -125,8 +128,10 @@ def test_a_model_predicting_the_ground_truth_scores_ap_one_and_shifted_boxes_sco
 
     ground_truth = coco_ground_truth(shard_dir)
     assert len(results) == len(ground_truth["annotations"]) == exact["detections"]
-    by_key = {(a["image_id"], a["category_id"], tuple(round(v, 2) for v in a["bbox"])) for a in ground_truth["annotations"]}
-    assert {(r["image_id"], r["category_id"], tuple(round(v, 2) for v in r["bbox"])) for r in results} == by_key
+    def keys(records: list[dict]) -> set:
+        return {(r["image_id"], r["category_id"], tuple(round(v, 2) for v in r["bbox"])) for r in records}
+
+    assert keys(results) == keys(ground_truth["annotations"])
     assert summary["data_manifest_sha256"] == manifest_checksum(read_manifest(shard_dir))
 
 
@@ -141,7 +146,12 @@ def test_evaluate_runs_an_exported_model_file_on_ray_actors(shard_dir, ray_sessi
     cfg = build_config(
         {
             "data": {"image_size": IMAGE_SIZE},
-            "detector": {"name": "onenet", "num_classes": 3, "backbone": {"depth": 18}, "neck": {"channels": [32, 32, 32]}},
+            "detector": {
+                "name": "onenet",
+                "num_classes": 3,
+                "backbone": {"depth": 18},
+                "neck": {"channels": [32, 32, 32]},
+            },
         }
     )
     torch.manual_seed(0)

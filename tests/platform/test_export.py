@@ -93,7 +93,8 @@ def test_export_is_a_weights_only_file_that_rebuilds_an_identical_model(trained,
     expected = detect(model, [image], image_size=64)
     for source in (path, path.parent, str(path)):
         loaded, meta = load_model(source)
-        assert meta["image_size"] == 64 and [c["name"] for c in meta["categories"]] == ["rectangle", "ellipse", "triangle"]
+        assert meta["image_size"] == 64
+        assert [c["name"] for c in meta["categories"]] == ["rectangle", "ellipse", "triangle"]
         _same(detect(loaded, [image], image_size=64), expected)
     assert len(expected[0]["boxes"]) > 0
 
@@ -118,7 +119,9 @@ def test_load_model_names_a_missing_or_foreign_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_logged_model_loads_back_as_pyfunc_registers_versions_with_metric_tags_and_resolves_by_alias(trained, monkeypatch):
+def test_logged_model_loads_back_as_pyfunc_registers_a_version_with_metric_tags_and_resolves_by_alias(
+    trained, monkeypatch
+):
     model, _, image_path, root = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = _cfg(root / "workspace", registered_model="shapes")
@@ -154,7 +157,8 @@ def test_logged_model_loads_back_as_pyfunc_registers_versions_with_metric_tags_a
     assert len(rows) == len(expected["boxes"]) > 0 and set(rows["image_index"]) == {0}
     np.testing.assert_allclose(rows["score"].to_numpy(), expected["scores"].numpy(), rtol=1e-6)
     np.testing.assert_allclose(rows["x"].to_numpy(), expected["boxes"][:, 0].numpy(), rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(rows["width"].to_numpy(), (expected["boxes"][:, 2] - expected["boxes"][:, 0]).numpy(), rtol=1e-5, atol=1e-4)
+    widths = (expected["boxes"][:, 2] - expected["boxes"][:, 0]).numpy()
+    np.testing.assert_allclose(rows["width"].to_numpy(), widths, rtol=1e-5, atol=1e-4)
     assert pair["image_index"].value_counts().to_dict() == {0: len(rows), 1: len(rows)}
     assert len(default_threshold) == int((expected["scores"] >= 0.3).sum())  # the signature's default, 0.3
     assert (rows["x"] + rows["width"] <= 80 + 1e-3).all() and (rows["y"] + rows["height"] <= 48 + 1e-3).all()

@@ -64,11 +64,10 @@ def test_predict_writes_coco_json_in_original_pixels_and_a_drawn_copy_of_each_im
         (str(twin), 160, 80, "wide-2.png"),
         (str(photo), 80, 80, "photo.jpg"),
     ]
-    assert document["categories"] == [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"}]
+    assert document["categories"] == [{"id": c["coco_id"], "name": c["name"]} for c in CATEGORIES]
     first = [a for a in document["annotations"] if a["image_id"] == 1]
-    assert first == [
-        {"id": 1, "image_id": 1, "category_id": 2, "category_name": "ellipse", "bbox": [20.0, 10.0, 80.0, 40.0], "area": 3200.0, "score": 0.9}
-    ]  # the 0.1 detection is below the threshold
+    ellipse = {"category_id": 2, "category_name": "ellipse", "bbox": [20.0, 10.0, 80.0, 40.0], "area": 3200.0}
+    assert first == [{"id": 1, "image_id": 1, **ellipse, "score": 0.9}]  # the 0.1 detection is below the threshold
     square = [a for a in document["annotations"] if a["image_id"] == 3]
     assert square[0]["bbox"] == [10.0, 5.0, 40.0, 20.0]  # 80 px letterboxed to 64: scale 0.8
 

@@ -231,7 +231,10 @@ def test_log_evaluation_stores_summary_a_pr_curve_per_class_and_an_image_grid(wo
     tracker = Tracker.start(_cfg(workspace, "evaluation-run"))
     results = [{"image_id": 1, "category_id": 1, "bbox": [5, 5, 18, 18], "score": 0.9}]
     network_image = np.zeros((3, 128, 128), dtype=np.uint8)  # a letterboxed copy at scale 2
-    samples = [{"image": network_image, "image_id": 1, "scale": 2.0}, {"image": np.zeros((48, 64, 3), np.uint8), "image_id": 2}]
+    samples = [
+        {"image": network_image, "image_id": 1, "scale": 2.0},
+        {"image": np.zeros((48, 64, 3), np.uint8), "image_id": 2},
+    ]
     summary = {"AP": 0.25, "per_class_AP": {"box": 0.5, "tall box": 0.0}}
     tracker.log_evaluation(summary, 40, COCO_GT, results, samples)
 
@@ -253,7 +256,8 @@ def test_evaluation_grid_draws_detections_in_the_images_pixels():
     results = [{"image_id": 1, "category_id": 1, "bbox": [5, 5, 18, 18], "score": 0.9}]
     from anchorless.platform.tracking import evaluation_grid
 
-    grid = evaluation_grid({**COCO_GT, "annotations": []}, results, [{"image": network_image, "image_id": 1, "scale": 2.0}])
+    samples = [{"image": network_image, "image_id": 1, "scale": 2.0}]
+    grid = evaluation_grid({**COCO_GT, "annotations": []}, results, samples)
     assert grid.shape == (256, 256, 3)  # one tile: make_grid adds no padding
     # The box at 2x lands at x, y = 10..46 in the 128 px image, which sits unscaled in the tile.
     colored = (grid == np.array(plots.class_color(0), dtype=np.uint8)).all(axis=-1)

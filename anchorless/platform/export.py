@@ -21,6 +21,8 @@ so images of any size go through one schema; :func:`images_frame` builds it from
 paths. Its output is one row per detection: ``image_index`` (row of the input),
 ``category_id``, ``category_name``, ``score`` and ``x, y, width, height`` in the
 original image's pixels. The param ``score_threshold`` (default 0.3) filters.
+Loading it needs ``anchorless`` importable (the model class is pickled by
+reference), so serve it from this project's environment (``--env-manager local``).
 """
 
 from __future__ import annotations
@@ -51,8 +53,6 @@ EXPORT_FILE = "model.pt"
 MLFLOW_MODEL_NAME = "model"  # the logged model's name within its run: runs:/<run>/model
 PYFUNC_ARTIFACT = "export"
 OUTPUT_COLUMNS = ("image_index", "category_id", "category_name", "score", "x", "y", "width", "height")
-# Version tags copied from the evaluation summary (the registry reads these names).
-TAGGED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate")
 
 
 class ModelError(AnchorlessError):
@@ -329,8 +329,6 @@ def example_input() -> pd.DataFrame:
 
 def images_frame(paths: Sequence[str | os.PathLike[str]]):
     """The pyfunc model's input for image files: a DataFrame with their bytes in column ``image``."""
-    import pandas as pd
-
     from anchorless.platform.errors import DataError
 
     data = []

@@ -271,6 +271,7 @@ class Tracker:
         experiment_id: str | None = None,
         retries: int = 3,
         backoff_seconds: float = 1.0,
+        quiet_seconds: float = 60.0,
     ) -> None:
         self.client = client
         self.run_id = run_id
@@ -278,7 +279,9 @@ class Tracker:
         self.experiment_id = experiment_id
         self.retries = retries
         self.backoff_seconds = backoff_seconds
+        self.quiet_seconds = quiet_seconds
         self.dropped_calls = 0
+        self._down_until = 0.0  # monotonic time until which the store is taken to be down
 
     # -- construction --
 
@@ -325,14 +328,24 @@ class Tracker:
     # -- the retry wrapper --
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
-        """``fn(*args, **kwargs)`` with retries on transient errors; a warning and None if it still fails."""
+        """``fn(*args, **kwargs)`` with retries on transient errors; a warning and None if it still fails.
+
+        After a dropped call the store is taken to be down: for ``quiet_seconds``
+        each call gets one attempt only, so an outage costs training one
+        timeout per call rather than a full round of backoff.
+        """
+        retries = 0 if time.monotonic() < self._down_until else self.retries
         attempt = 0
         while True:
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                self._down_until = 0.0
+                return result
             except Exception as exc:  # the store's failures must never reach the training loop
-                if attempt >= self.retries or not is_transient(exc):
+                if attempt >= retries or not is_transient(exc):
                     self.dropped_calls += 1
+                    if is_transient(exc):
+                        self._down_until = time.monotonic() + self.quiet_seconds
                     log.warning("MLflow %s dropped after %d attempt(s): %s", what, attempt + 1, _short_reason(exc))
                     return None
                 delay = self.backoff_seconds * (2**attempt)

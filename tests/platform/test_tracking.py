@@ -177,6 +177,15 @@ def test_a_store_that_keeps_failing_drops_the_metrics_with_a_warning_instead_of_
     assert client.calls == 4  # the first try and three retries
     assert tracker.dropped_calls == 1
     assert "dropped after 4 attempt(s)" in caplog.text
+    # While the store is down, each call gets a single attempt: training is not held up.
+    tracker.log_metrics({"loss": 0.4}, step=8)
+    assert client.calls == 5 and tracker.dropped_calls == 2
+    # Once it answers again, calls go through and a later hiccup is retried again.
+    client.failures = client.calls
+    tracker.log_metrics({"loss": 0.3}, step=9)
+    client.failures = client.calls + 1
+    tracker.log_metrics({"loss": 0.2}, step=10)
+    assert [m.step for m in client.logged] == [9, 10] and client.calls == 8
 
 
 def test_an_invalid_request_is_not_retried():

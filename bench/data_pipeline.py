@@ -13,11 +13,13 @@ augmentations + letterbox from ``transforms.py``), pack fixed-shape batches with
   ``decode_image``, so the decoder is not what is compared) → ``DataLoader`` with
   ``num_workers`` processes, persistent, pinned off (CPU), collate = ``pack_samples``.
 
-One warm-up epoch each (worker start-up, imports), then ``--epochs`` timed
-epochs; the runs alternate ``--repeats`` times and the median is reported,
-because this machine is shared. Last line: one JSON object.
+Both pipelines are built first, each runs one warm-up epoch (worker start-up,
+imports), then their timed epochs alternate (ours, peer, ours, peer, ...) so
+both see the same load on a shared machine; the median epoch is reported. The
+start of every epoch counts (Ray starts a new execution per epoch, the
+DataLoader's persistent workers just refill). Last line: one JSON object.
 
-    .venv/bin/python bench/data_pipeline.py [--bccd DIR] [--workers 2] [--epochs 3]
+    .venv/bin/python bench/data_pipeline.py [--bccd DIR] [--workers 2] [--epochs 10]
 """
 
 from __future__ import annotations
@@ -57,8 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="CPU workers on each side")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per run")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; median reported")
+    parser.add_argument("--epochs", type=int, default=10, help="timed epochs of each side, alternating; median reported")
     parser.add_argument("--block-rows", type=int, default=None, help="rows per Ray decode task (default: the module's)")
     return parser.parse_args()
 
@@ -66,9 +67,8 @@ def parse_args() -> argparse.Namespace:
 # --- ours: Ray Data ----------------------------------------------------------------------------
 
 
-def run_ray(shard_dir: Path, num_images: int, cfg: DataConfig, args: argparse.Namespace) -> float:
-    import ray
-
+def ray_epochs(shard_dir: Path, num_images: int, cfg: DataConfig, args: argparse.Namespace):
+    """An epoch function over the Ray pipeline: returns the images it delivered."""
     kwargs = {"block_rows": args.block_rows} if args.block_rows else {}
     dataset = build_dataset(shard_dir, cfg, train=True, **kwargs)
     (split,) = dataset.streaming_split(1, equal=True)  # what Ray Train hands a worker
@@ -82,11 +82,7 @@ def run_ray(shard_dir: Path, num_images: int, cfg: DataConfig, args: argparse.Na
             seen += images.shape[0]
         return seen
 
-    epoch()  # warm-up: worker processes start and import torch
-    start = time.perf_counter()
-    seen = sum(epoch() for _ in range(args.epochs))
-    del split, dataset
-    return seen / (time.perf_counter() - start)
+    return epoch
 
 
 # --- peer: torch DataLoader over torchvision CocoDetection ----------------------------------------
@@ -135,7 +131,8 @@ def _collate(items, *, image_size: int, max_boxes: int):
     return {key: torch.from_numpy(value) for key, value in packed.items()}  # shared memory across processes
 
 
-def run_dataloader(bccd: Path, cfg: DataConfig, args: argparse.Namespace) -> float:
+def dataloader_epochs(bccd: Path, cfg: DataConfig, args: argparse.Namespace):
+    """An epoch function over the DataLoader: returns the images it delivered."""
     from functools import partial
 
     from torch.utils.data import DataLoader
@@ -164,12 +161,13 @@ def run_dataloader(bccd: Path, cfg: DataConfig, args: argparse.Namespace) -> flo
             seen += images.shape[0]
         return seen
 
-    epoch()  # warm-up: worker processes start
+    return epoch
+
+
+def timed(epoch) -> float:
     start = time.perf_counter()
-    seen = sum(epoch() for _ in range(args.epochs))
-    rate = seen / (time.perf_counter() - start)
-    del loader
-    return rate
+    seen = epoch()
+    return seen / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -188,18 +186,21 @@ def main() -> None:
         manifest = write_shards(
             bccd / "annotations" / f"instances_{args.split}.json", bccd / "images", shard_dir, progress=False
         )
+        ray_epoch = ray_epochs(shard_dir, manifest["num_images"], cfg, args)
+        loader_epoch = dataloader_epochs(bccd, cfg, args)
+        timed(ray_epoch), timed(loader_epoch)  # warm-up: worker processes start, import torch
         ray_rates, loader_rates = [], []
-        for _ in range(args.repeats):
-            ray_rates.append(run_ray(shard_dir, manifest["num_images"], cfg, args))
-            loader_rates.append(run_dataloader(bccd, cfg, args))
-            print(f"  run: ray {ray_rates[-1]:.1f} img/s, dataloader {loader_rates[-1]:.1f} img/s", flush=True)
+        for index in range(args.epochs):  # alternate, so both see the same load on this shared machine
+            ray_rates.append(timed(ray_epoch))
+            loader_rates.append(timed(loader_epoch))
+            print(f"  epoch {index}: ray {ray_rates[-1]:.1f} img/s, dataloader {loader_rates[-1]:.1f} img/s", flush=True)
     ray.shutdown()
 
     ours, peer = statistics.median(ray_rates), statistics.median(loader_rates)
     ratio = ours / peer
     print()
     print(f"BCCD {args.split}: {manifest['num_images']} images 640x480 -> {args.image_size}px, train augmentations, "
-          f"batch {args.batch_size}, {args.workers} CPU workers each, {args.epochs} epochs x {args.repeats} runs (median)")
+          f"batch {args.batch_size}, {args.workers} CPU workers each, median of {args.epochs} alternating epochs")
     print(f"{'pipeline':<44} {'images/s':>9}")
     print(f"{'ours: Ray Data (read_parquet + map_batches)':<44} {ours:>9.1f}")
     print(f"{'peer: DataLoader(CocoDetection)':<44} {peer:>9.1f}")
@@ -212,11 +213,10 @@ def main() -> None:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "epochs": args.epochs,
-        "repeats": args.repeats,
         "ray_images_per_s": round(ours, 1),
         "dataloader_images_per_s": round(peer, 1),
-        "ray_runs": [round(r, 1) for r in ray_rates],
-        "dataloader_runs": [round(r, 1) for r in loader_rates],
+        "ray_epochs": [round(r, 1) for r in ray_rates],
+        "dataloader_epochs": [round(r, 1) for r in loader_rates],
         "ray_vs_dataloader_ratio": round(ratio, 3),
     }))
 

@@ -206,3 +206,17 @@ def test_two_train_workers_run_the_same_number_of_batches_on_an_odd_image_count(
     assert second == first + 1
     assert [rank[0]["epochs"] for rank in ranks] == [[first], [first]]
     assert [rank[1]["epochs"] for rank in ranks] == [[second], [second]]
+
+
+def test_grayscale_and_png_images_decode_to_three_channels(tmp_path, make_coco) -> None:
+    from PIL import Image
+
+    annotations, images = make_coco()
+    Image.new("L", (40, 30), 90).save(images / "img_1.jpg", format="JPEG")
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(images / "img_2.jpg", format="PNG")  # PNG bytes, .jpg name
+    manifest = write_shards(annotations, images, tmp_path / "out", progress=False)
+    out = _decode(pq.read_table(tmp_path / "out" / manifest["shards"][0]["file"]))
+    assert out["image"].shape == (3, 3, 64, 64)
+    gray = out["image"][0, :, :48, :]  # 30 * 64/40 = 48 rows of content
+    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all() and abs(int(gray[0, 10, 10]) - 90) <= 2
+    assert out["image"][1, :, 10, 10].tolist() == [10, 200, 30]

@@ -40,8 +40,9 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 EXPORT_FILE = "model.pt"
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate")
-# Test hook: "RANK:STEP" kills that worker process once at that optimizer step.
-FAULT_ENV = "ANCHORLESS_FAULT_KILL_WORKER"
+# Test hook, once per run: "kill:RANK:STEP" kills that worker process before that optimizer
+# step; "nan:RANK:STEP:TERM" makes that loss term NaN there.
+FAULT_ENV = "ANCHORLESS_FAULT"
 
 
 class TrainingError(AnchorlessError):
@@ -338,8 +339,11 @@ def _fault_from_env(run_dir: Path) -> dict[str, Any] | None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
-    rank, _, step = spec.partition(":")
-    return {"rank": int(rank), "step": int(step), "marker": str(run_dir / ".fault_injected")}
+    kind, rank, step, *term = spec.split(":")
+    if kind not in ("kill", "nan") or (kind == "nan") != bool(term):
+        raise ConfigError(f"${FAULT_ENV}={spec!r}: expected kill:RANK:STEP or nan:RANK:STEP:TERM")
+    marker = run_dir / f".fault_{kind}_injected"
+    return {"kind": kind, "rank": int(rank), "step": int(step), "term": term[0] if term else None, "marker": str(marker)}
 
 
 # --- the whole job ------------------------------------------------------------------------------

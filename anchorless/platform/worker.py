@@ -51,7 +51,7 @@ class LoopState:
         return {name: total / max(1, self.micro_steps) for name, total in self.loss_sums.items()}
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     quiet_worker_logs()  # again: Ray Train configured this process's logging after the setup hook ran
     cfg = ExperimentConfig.model_validate(config["cfg"])
     plan: dict[str, Any] = config["plan"]
@@ -99,14 +99,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             prefetch_batches=cfg.data.prefetch_batches,
         ):
             losses = engine(images, targets)
-            averaged = _mean_over_ranks(losses)
             step = engine.global_steps + 1
+            losses = _maybe_inject_fault(plan.get("fault"), losses, rank=rank, step=step)
+            averaged = _mean_over_ranks(losses)
             bad = [name for name, value in averaged.items() if not math.isfinite(value)]
             if bad:
                 message = _nonfinite_message(bad, averaged, step=step, epoch=epoch + 1)
                 if training.on_nonfinite == "stop":
-                    ray.train.report({"stopped": "nonfinite", "message": message, "step": step, "epoch": epoch})
-                    return
+                    # Every rank sees the same averages, so all stop here together; the
+                    # driver reads rank 0's return value. No checkpoint of this state is kept.
+                    return {"stopped": "nonfinite", "message": message, "step": step, "epoch": epoch + 1}
                 state.nonfinite_steps += 1
                 engine.zero_grad()
                 continue
@@ -114,7 +116,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.step()
             state.add(averaged)
             window_steps += 1
-            _maybe_inject_fault(plan.get("fault"), rank=rank, step=engine.global_steps)
             if rank == 0 and engine.is_gradient_accumulation_boundary() and engine.global_steps % training.log_every_steps == 0:
                 now = time.perf_counter()
                 speed = window_steps * images_per_step / (now - window_start)
@@ -135,13 +136,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "nonfinite_steps": state.nonfinite_steps,
             **state.epoch_losses(),
         }
+        if tracker is not None:  # epoch means beside the per-step values of the same names
+            tracker.log_metrics({f"epoch_{k}" if k.startswith("loss") else k: v for k, v in metrics.items()}, step=engine.global_steps)
         last = state.epoch == training.epochs
         save = last or state.epoch % training.checkpoint.every_epochs == 0
-        if save or last or state.epoch % cfg.evaluation.every_epochs == 0:
+        if save or state.epoch % cfg.evaluation.every_epochs == 0:
             # A checkpoint is always scored: Ray Train keeps the best ones by that score.
             metrics.update(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
-        if tracker is not None:
-            tracker.log_metrics({f"epoch_{k}" if k.startswith("loss") else k: v for k, v in metrics.items()}, step=engine.global_steps)
         if not save:
             ray.train.report(metrics)
             continue
@@ -178,15 +179,23 @@ def _nonfinite_message(bad: list[str], averaged: dict[str, float], *, step: int,
     )
 
 
-def _maybe_inject_fault(fault: dict[str, Any] | None, *, rank: int, step: int) -> None:
-    """Test hook: kill this worker process once, at the given rank and step (a marker file says "done")."""
+def _maybe_inject_fault(
+    fault: dict[str, Any] | None, losses: dict[str, torch.Tensor], *, rank: int, step: int
+) -> dict[str, torch.Tensor]:
+    """Test hook, once per run (a marker file says "done"): at ``step`` on ``rank``, either
+    SIGKILL this worker process or make one loss term NaN."""
     if not fault or fault["rank"] != rank or fault["step"] != step:
-        return
+        return losses
     marker = Path(fault["marker"])
     if marker.exists():
-        return
-    marker.write_text(f"killed rank {rank} at step {step}\n")
-    os.kill(os.getpid(), signal.SIGKILL)
+        return losses
+    marker.write_text(f"{fault['kind']} on rank {rank} at step {step}\n")
+    if fault["kind"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    poisoned = dict(losses)
+    poisoned[fault["term"]] = losses[fault["term"]] * float("nan")
+    poisoned["loss"] = sum(value for name, value in poisoned.items() if name != "loss")
+    return poisoned
 
 
 def _evaluate(

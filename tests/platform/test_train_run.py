@@ -1,0 +1,151 @@
+"""Whole training runs on a local Ray: two DeepSpeed workers on tiny synthetic shapes.
+
+One uninterrupted run is the reference; the others kill a worker, poison a loss term
+or resume an interrupted run, and are compared with it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from anchorless.platform.config import build_config
+from anchorless.platform.train import FAULT_ENV, TrainingError, plan_run, train
+from anchorless.platform.worker import STATE_FILE
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 2
+# Mean loss of the last three optimizer steps vs the first three, in the reference run
+# (measured: ~1.5 over the 17 steps of two epochs).
+LEARNING_FACTOR = 1.3
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, Path]:
+    """Synthetic shapes at 64 px: 72 train and 18 validation images."""
+    from anchorless.platform.shards import write_shards
+    from anchorless.platform.synth import generate_synthetic_coco
+
+    root = tmp_path_factory.mktemp("train-run")
+    files = generate_synthetic_coco(root / "synth", num_images=90, size=64, seed=0, progress=False)
+    for split, annotations in files.items():
+        write_shards(annotations, root / "synth" / "images", root / "shards" / split, progress=False)
+    return {split: root / "shards" / split for split in files}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("workspace")
+
+
+def _cfg(workspace: Path, shards: dict[str, Path], name: str, **training):
+    return build_config(
+        {
+            "name": name,
+            "workspace": str(workspace),
+            "data": {
+                "train": str(shards["train"]),
+                "val": str(shards["val"]),
+                "image_size": 64,
+                "batch_size": 4,
+                "augment": {"enabled": False},
+            },
+            "detector": {"name": "onenet", "num_classes": 3, "neck": {"channels": [32, 32, 32]}},
+            "training": {
+                "epochs": EPOCHS,
+                "num_workers": 2,
+                "zero_stage": 1,  # each rank then writes its own optimizer partition
+                "optimizer": {"lr": 2e-3},
+                "schedule": {"warmup_steps": 3},
+                "max_failures": 1,
+                "log_every_steps": 1,
+                **training,
+            },
+            "tracking": {"experiment": "train-tests"},
+        }
+    )
+
+
+def _history(summary: dict, key: str) -> list[float]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    return [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, workspace, shards):
+    """The uninterrupted run; in skip mode, with one NaN step on rank 1 (skipped and counted)."""
+    cfg = _cfg(workspace, shards, "reference", on_nonfinite="skip")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULT_ENV, "nan:1:3:loss_cls")
+        return cfg, plan_run(cfg), train(cfg, progress=False)
+
+
+def test_two_workers_learn_report_coco_metrics_and_every_rank_writes_its_checkpoint(reference):
+    cfg, plan, summary = reference
+    assert summary["epoch"] == EPOCHS
+    assert summary["nonfinite_steps"] == 1  # skip mode: the NaN batch made no optimizer step
+    assert summary["step"] == EPOCHS * plan.steps_per_epoch - 1
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate"):
+        assert isinstance(summary[key], float), key
+    assert len(_history(summary, "epoch_loss")) == EPOCHS  # one mean per epoch
+    step_losses = _history(summary, "loss")  # every optimizer step (log_every_steps=1)
+    assert len(step_losses) == summary["step"]
+    first, last = sum(step_losses[:3]) / 3, sum(step_losses[-3:]) / 3
+    assert last * LEARNING_FACTOR <= first, step_losses
+
+    checkpoint = Path(summary["checkpoint"])
+    written = {path.name for path in checkpoint.rglob("*.pt")}
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= written
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state["epoch"] == EPOCHS and state["run_id"] == summary["run_id"]
+    assert json.loads((plan.run_dir / "deepspeed_config.json").read_text()) == plan.deepspeed_config
+
+    export = torch.load(summary["export"], weights_only=True)
+    assert export["config"]["detector"] == cfg.to_dict()["detector"]
+    assert summary["model_uri"] == f"runs:/{summary['run_id']}/model"
+
+
+def test_a_killed_worker_is_replaced_and_the_run_ends_like_an_uninterrupted_one(reference, workspace, shards, monkeypatch):
+    _, plan, expected = reference
+    kill_step = plan.steps_per_epoch + 3  # in epoch 2, after epoch 1's checkpoint
+    monkeypatch.setenv(FAULT_ENV, f"kill:1:{kill_step}")
+    cfg = _cfg(workspace, shards, "killed")
+    summary = train(cfg, progress=False)
+
+    assert (plan_run(cfg).run_dir / ".fault_kill_injected").read_text().startswith("kill on rank 1")
+    assert summary["epoch"] == EPOCHS and summary["step"] == EPOCHS * plan.steps_per_epoch
+    assert _history(summary, "epoch") == [float(e) for e in range(1, EPOCHS + 1)]  # epoch 2 once, after the restart
+    final, reference_final = _history(summary, "epoch_loss")[-1], _history(expected, "epoch_loss")[-1]
+    assert final == pytest.approx(reference_final, rel=0.3)
+
+
+def test_a_nan_loss_stops_naming_step_and_term_and_the_rerun_resumes_from_the_last_good_checkpoint(
+    ray_local, workspace, shards, monkeypatch
+):
+    cfg = _cfg(workspace, shards, "nan-stop")
+    plan = plan_run(cfg)
+    nan_step = plan.steps_per_epoch + 2
+    monkeypatch.setenv(FAULT_ENV, f"nan:0:{nan_step}:loss_giou")
+    with pytest.raises(TrainingError, match=rf"non-finite loss at step {nan_step} \(epoch 2\): loss_giou=nan"):
+        train(cfg, progress=False)
+    checkpoints = sorted(path.name for path in plan.run_dir.glob("checkpoint_epoch*"))
+    assert checkpoints == [f"checkpoint_epoch0001_step{plan.steps_per_epoch:07d}"]
+
+    monkeypatch.delenv(FAULT_ENV)
+    summary = train(cfg, progress=False)  # same name: resumes
+    first_run_id = json.loads((plan.run_dir / "run.json").read_text())["run_id"]
+    assert summary["run_id"] == first_run_id
+    assert summary["epoch"] == EPOCHS
+    assert _history(summary, "epoch") == [float(e) for e in range(1, EPOCHS + 1)]  # epoch 1 was not trained again

@@ -286,8 +286,19 @@ class Tracker:
     # -- construction --
 
     @classmethod
-    def start(cls, cfg: "ExperimentConfig", resume_run_id: str | None = None) -> "Tracker":
-        """Create the run named after the config (or resume ``resume_run_id``) on the driver."""
+    def start(
+        cls,
+        cfg: "ExperimentConfig",
+        resume_run_id: str | None = None,
+        *,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> "Tracker":
+        """Create the run named after the config (or resume ``resume_run_id``) on the driver.
+
+        ``parent_run_id`` nests the new run under another (a campaign's trials under
+        the campaign); ``tags`` are added to a new run.
+        """
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -307,8 +318,10 @@ class Tracker:
             log.info("MLflow: resumed run %s (%s) at %s", run.info.run_name, resume_run_id, uri)
             return cls(client, resume_run_id, uri, experiment_id=run.info.experiment_id)
         run_name = cfg.tracking.run_name or cfg.name
-        tags = {TAG_CONFIG_NAME: cfg.name, TAG_VERSION: _anchorless_version()}
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run_tags = {TAG_CONFIG_NAME: cfg.name, TAG_VERSION: _anchorless_version(), **(tags or {})}
+        if parent_run_id:
+            run_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         log.info("MLflow: run %s (%s) in experiment %r at %s", run_name, run.info.run_id, cfg.tracking.experiment, uri)
         return cls(client, run.info.run_id, uri, experiment_id=experiment_id)
 

@@ -349,7 +349,16 @@ def _fault_from_env(run_dir: Path) -> dict[str, Any] | None:
 # --- the whole job ------------------------------------------------------------------------------
 
 
-def train(cfg: ExperimentConfig, *, address: str | None = None, restart: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: ExperimentConfig,
+    *,
+    address: str | None = None,
+    restart: bool = False,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+    parent_run_id: str | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Train ``cfg`` on Ray and return the summary the CLI prints as its last line.
 
     Re-running with the same run name (``tracking.run_name`` or ``name``) resumes the
@@ -361,6 +370,9 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, restart: bool = 
     step, minutes, nonfinite_steps, AP, AP50, AP75, APs, APm, APl, AR100, duplicate_rate}``.
     Raises ConfigError / DataError / TrackingError before any worker starts, and
     TrainingError when training cannot finish.
+
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
+    ``parent_run_id`` and ``run_tags`` nest and tag a new MLflow run.
     """
     started = time.monotonic()
     plan = plan_run(cfg, restart=restart)
@@ -370,7 +382,7 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, restart: bool = 
 
     from anchorless.platform.tracking import Tracker
 
-    tracker = Tracker.start(cfg, resume_run_id=plan.resume_run_id)
+    tracker = Tracker.start(cfg, resume_run_id=plan.resume_run_id, parent_run_id=parent_run_id, tags=run_tags)
     run_record = {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri, "name": plan.name, "config": cfg.to_dict()}
     _write_atomic(plan.run_dir / RUN_FILE, json.dumps(run_record, indent=2))
     _write_atomic(plan.run_dir / "config.yaml", cfg.to_yaml())
@@ -380,7 +392,7 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, restart: bool = 
     started_ray = connect_ray(address, cfg, verbose=logging.getLogger("ray").isEnabledFor(logging.DEBUG))
     try:
         _check_cluster(cfg)
-        result = _fit(cfg, plan, tracker, progress=progress)
+        result = _fit(cfg, plan, tracker, progress=progress, callbacks=callbacks)
         summary = _finish(cfg, plan, tracker, result, minutes=(time.monotonic() - started) / 60)
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -394,13 +406,15 @@ def train(cfg: ExperimentConfig, *, address: str | None = None, restart: bool = 
     return summary
 
 
-def _fit(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, *, progress: bool) -> Any:
+def _fit(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, *, progress: bool, callbacks: list[Any] | None = None) -> Any:
     from ray.train import TrainingFailedError
 
     from anchorless.platform.progress import ProgressDisplay, create_queue
 
     queue = create_queue()
-    trainer = build_trainer(cfg, plan, run_id=tracker.run_id, tracking_uri=tracker.tracking_uri, progress_queue=queue)
+    trainer = build_trainer(
+        cfg, plan, run_id=tracker.run_id, tracking_uri=tracker.tracking_uri, progress_queue=queue, callbacks=callbacks
+    )
     display = ProgressDisplay(queue, total_steps=plan.total_steps, epochs=cfg.training.epochs, enabled=progress)
     try:
         with display:

@@ -49,7 +49,9 @@ class BoxL1Cost(nn.Module):
     def forward(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         h, w = image_size
         scale = pred_boxes.new_tensor([w, h, w, h])  # (4,)
-        return self.weight * torch.cdist(pred_boxes / scale, gt_boxes / scale, p=1)  # (R, M)
+        # Broadcasting, not torch.cdist(p=1): for 4-d points cdist is ~10x slower on CPU.
+        diff = pred_boxes[:, None, :] / scale - gt_boxes[None, :, :] / scale  # (R, M, 4)
+        return self.weight * diff.abs().sum(dim=2)  # (R, M)
 
 
 class GIoUCost(nn.Module):
@@ -137,7 +139,7 @@ class MinCostAssigner(nn.Module):
             empty = torch.zeros(0, dtype=torch.long, device=cost.device)
             return empty, empty
         if self.mode == "min":
-            pred_idx = cost.argmin(dim=0)  # (M,)
+            pred_idx = cost.T.contiguous().argmin(dim=1)  # (M,); a contiguous reduction is ~4x faster
             return pred_idx, torch.arange(num_gt, device=cost.device)
         rows, cols = linear_sum_assignment(cost.cpu().numpy())  # K = min(R, M) pairs
         order = np.argsort(cols)

@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_bccd = os.environ.get("ANCHORLESS_BCCD", str(REPO / ".." / "shared" / "datasets" / "bccd"))
     parser.add_argument("--bccd", default=default_bccd, help="BCCD root (annotations/, images/)")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", choices=["train", "val", "test", "all"], help="all = the three merged")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="CPU workers on each side")
@@ -139,7 +139,7 @@ def dataloader_epochs(bccd: Path, cfg: DataConfig, args: argparse.Namespace):
 
     torch.set_num_threads(1)
     dataset = DecodedCocoDetection(
-        str(bccd / "images"), str(bccd / "annotations" / f"instances_{args.split}.json"),
+        str(bccd / "images"), str(args.annotations),
         image_size=cfg.image_size, augment=cfg.augment, seed=0,
     )
     loader = DataLoader(
@@ -170,10 +170,29 @@ def timed(epoch) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def _annotations(bccd: Path, split: str, tmp: Path) -> Path:
+    """The split's COCO JSON; for "all", the three splits merged with fresh ids."""
+    if split != "all":
+        return bccd / "annotations" / f"instances_{split}.json"
+    merged: dict = {"images": [], "annotations": [], "categories": None}
+    for name in ("train", "val", "test"):
+        coco = json.loads((bccd / "annotations" / f"instances_{name}.json").read_text())
+        merged["categories"] = coco["categories"]
+        new_id = {}
+        for image in coco["images"]:
+            new_id[image["id"]] = len(merged["images"]) + 1
+            merged["images"].append({**image, "id": new_id[image["id"]]})
+        for ann in coco["annotations"]:
+            merged["annotations"].append({**ann, "id": len(merged["annotations"]) + 1, "image_id": new_id[ann["image_id"]]})
+    path = tmp / "instances_all.json"
+    path.write_text(json.dumps(merged))
+    return path
+
+
 def main() -> None:
     args = parse_args()
     bccd = Path(args.bccd)
-    if not (bccd / "annotations" / f"instances_{args.split}.json").is_file():
+    if not (bccd / "annotations" / "instances_train.json").is_file():
         sys.exit(f"BCCD not found at {bccd} (pass --bccd or set ANCHORLESS_BCCD)")
     cfg = DataConfig(image_size=args.image_size, batch_size=args.batch_size, decode_concurrency=args.workers)
 
@@ -182,10 +201,9 @@ def main() -> None:
     ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as tmp:
+        args.annotations = _annotations(bccd, args.split, Path(tmp))
         shard_dir = Path(tmp) / "shards"
-        manifest = write_shards(
-            bccd / "annotations" / f"instances_{args.split}.json", bccd / "images", shard_dir, progress=False
-        )
+        manifest = write_shards(args.annotations, bccd / "images", shard_dir, progress=False)
         ray_epoch = ray_epochs(shard_dir, manifest["num_images"], cfg, args)
         loader_epoch = dataloader_epochs(bccd, cfg, args)
         timed(ray_epoch), timed(loader_epoch)  # warm-up: worker processes start, import torch

@@ -73,11 +73,17 @@ def make_coco(tmp_path: Path) -> CocoFactory:
     return factory
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray for the whole session, shut down at the end."""
+    """A local Ray for one test module, shut down after it.
+
+    Module-scoped, not session-scoped: other modules start their own Ray or
+    assert that none is running.
+    """
     import ray
 
+    if ray.is_initialized():  # left over by a test that did not clean up
+        ray.shutdown()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

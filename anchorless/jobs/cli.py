@@ -200,8 +200,6 @@ def _cluster_up(args: argparse.Namespace) -> int:
             "anchorless cluster template --help"
         )
     state = cluster_up(args.cluster_dir, num_cpus=args.num_cpus)
-    if state.get("already_running"):
-        print("a healthy local cluster is already running; nothing changed")
     print(format_cluster(state))
     return 0
 

@@ -367,7 +367,7 @@ def train(
     deletes the old run directory and starts afresh.
 
     Returns ``{run_id, run_name, model_uri, checkpoint, export, tracking_uri, epoch,
-    step, minutes, nonfinite_steps, AP, AP50, AP75, APs, APm, APl, AR100, duplicate_rate}``.
+    step, minutes, nonfinite_steps, images_per_s, AP, AP50, AP75, APs, APm, APl, AR100, duplicate_rate}``.
     Raises ConfigError / DataError / TrackingError before any worker starts, and
     TrainingError when training cannot finish.
 
@@ -389,7 +389,11 @@ def train(
     _write_atomic(plan.run_dir / "deepspeed_config.json", json.dumps(plan.deepspeed_config, indent=2))
     tracker.log_params_and_config(cfg, plan.deepspeed_config, plan.manifest)
 
-    started_ray = connect_ray(address, cfg, verbose=logging.getLogger("ray").isEnabledFor(logging.DEBUG))
+    verbose = logging.getLogger("ray").isEnabledFor(logging.DEBUG)
+    if not verbose:  # the driver materialises small data sets itself; Ray Data narrates that at INFO
+        for name in ("ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    started_ray = connect_ray(address, cfg, verbose=verbose)
     try:
         _check_cluster(cfg)
         result = _fit(cfg, plan, tracker, progress=progress, callbacks=callbacks)
@@ -464,6 +468,7 @@ def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, 
         "step": metrics.get("step"),
         "minutes": round(minutes, 2),
         "nonfinite_steps": metrics.get("nonfinite_steps", 0),
+        "images_per_s": metrics.get("images_per_s"),  # training throughput of the last epoch
         **{key: metrics[key] for key in SUMMARY_METRICS if key in metrics},
     }
     _write_atomic(plan.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))

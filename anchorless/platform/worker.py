@@ -136,8 +136,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             "nonfinite_steps": state.nonfinite_steps,
             **state.epoch_losses(),
         }
-        if tracker is not None:  # epoch means beside the per-step values of the same names
-            tracker.log_metrics({f"epoch_{k}" if k.startswith("loss") else k: v for k, v in metrics.items()}, step=engine.global_steps)
+        if tracker is not None:  # epoch means, named apart from the per-step values
+            per_step = ("images_per_s", "lr", *state.loss_sums)
+            tracker.log_metrics({f"epoch_{k}" if k in per_step else k: v for k, v in metrics.items()}, step=engine.global_steps)
         last = state.epoch == training.epochs
         save = last or state.epoch % training.checkpoint.every_epochs == 0
         if save or state.epoch % cfg.evaluation.every_epochs == 0:

@@ -1,0 +1,179 @@
+"""What Ray Train + Ray Data + DeepSpeed cost: `train()` with one worker vs a bare PyTorch loop.
+
+Both train the quickstart's detector (configs/quickstart.yaml) on the same synthetic
+shards with the same batch, the same torch threads, the same augmentation code
+(``anchorless.platform.data.decode_and_transform``), AdamW, gradient clipping and the
+same LR schedule. The bare loop decodes in one persistent DataLoader worker process,
+as a plain PyTorch script would; the platform decodes in Ray Data tasks. Throughput
+is training images per second over the epochs after the first (start-up excluded on
+both sides; evaluation and checkpoints are outside the timed loop on both sides).
+
+    python bench/train_overhead.py [--epochs 4] [--num-images 240] [--threads 1]
+
+Prints a side-by-side table, then one JSON line with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_shards(root: Path, num_images: int, size: int) -> dict[str, Path]:
+    from anchorless.platform.shards import write_shards
+    from anchorless.platform.synth import generate_synthetic_coco
+
+    files = generate_synthetic_coco(root / "synth", num_images=num_images, size=size, seed=0, progress=False)
+    for split, annotations in files.items():
+        write_shards(annotations, root / "synth" / "images", root / "shards" / split, progress=False)
+    return {split: root / "shards" / split for split in files}
+
+
+class ShardBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of an epoch: rows of the train shards decoded and augmented like the pipeline does."""
+
+    def __init__(self, shard_dir: Path, cfg, epoch_seed: int) -> None:
+        import pyarrow as pa
+
+        from anchorless.platform.shards import iter_shard_tables, read_manifest
+
+        self.table = pa.concat_tables(list(iter_shard_tables(shard_dir, read_manifest(shard_dir))))
+        self.cfg = cfg
+        self.order = np.random.default_rng(epoch_seed).permutation(self.table.num_rows)
+
+    def __len__(self) -> int:
+        return self.table.num_rows // self.cfg.data.batch_size
+
+    def __getitem__(self, index: int):
+        from anchorless.platform.data import decode_and_transform
+
+        data = self.cfg.data
+        rows = self.order[index * data.batch_size : (index + 1) * data.batch_size]
+        augment = data.augment.model_dump() if data.augment.enabled else None
+        return decode_and_transform(
+            self.table.take(rows), image_size=data.image_size, max_boxes=data.max_boxes, augment=augment,
+            seed=self.cfg.training.seed, epoch=0,  # the draws differ per epoch in the pipeline; the cost does not
+        )
+
+
+def bare_loop(cfg, shard_dir: Path, epochs: int, threads: int) -> list[float]:
+    """Images/s of each epoch of a plain single-process training loop."""
+    from anchorless.detectors import build_detector
+    from anchorless.platform.data import to_model_inputs
+    from anchorless.platform.engine import WarmupSchedule
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.training.seed)
+    model = build_detector(cfg.detector)
+    optimizer_cfg = cfg.training.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=optimizer_cfg.lr, betas=optimizer_cfg.betas, weight_decay=optimizer_cfg.weight_decay, foreach=True
+    )
+    batches = ShardBatches(shard_dir, cfg, cfg.training.seed)
+    schedule = WarmupSchedule.from_config(cfg.training.schedule, len(batches) * epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, shuffle=True, num_workers=1, persistent_workers=True, prefetch_factor=cfg.data.prefetch_batches or 2
+    )
+    speeds = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        for batch in loader:
+            images, targets, _ = to_model_inputs(batch)
+            loss = model(images, targets)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            if cfg.training.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
+            optimizer.step()
+            scheduler.step()
+        speeds.append(len(batches) * cfg.data.batch_size / (time.perf_counter() - start))
+        print(f"  bare     epoch {epoch + 1}: {speeds[-1]:.2f} images/s", flush=True)
+    return speeds
+
+
+def platform_run(cfg, epochs: int) -> list[float]:
+    """Images/s of each epoch of `anchorless.platform.train.train` (from the run's MLflow metrics)."""
+    from mlflow import MlflowClient
+
+    from anchorless.platform.train import train
+
+    summary = train(cfg, restart=True, progress=False)
+    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["run_id"], "epoch_images_per_s")
+    speeds = [m.value for m in sorted(history, key=lambda m: m.step)]
+    for epoch, speed in enumerate(speeds, 1):
+        print(f"  platform epoch {epoch}: {speed:.2f} images/s", flush=True)
+    return speeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--num-images", type=int, default=300, help="synthetic images (80%% train)")
+    parser.add_argument("--size", type=int, default=192, help="synthetic image side")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process / worker")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+
+    from anchorless.platform.config import load_config
+
+    root = Path(tempfile.mkdtemp(prefix="anchorless-bench-train-"))
+    shards = make_shards(root, args.num_images, args.size)
+    overrides = [
+        "name=bench-train-overhead",
+        f"workspace={root / 'workspace'}",
+        f"data.train={shards['train']}",
+        f"data.val={shards['val']}",
+        "training.num_workers=1",
+        f"training.cpus_per_worker={args.threads}",
+        f"training.torch_threads={args.threads}",
+        f"training.epochs={args.epochs}",
+        f"training.checkpoint.every_epochs={args.epochs}",  # one checkpoint and one evaluation, at the end
+        f"evaluation.every_epochs={args.epochs}",
+        "tracking.registered_model=null",
+        "tracking.tracking_uri=null",
+    ]
+    cfg = load_config(args.config, overrides)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    print(
+        f"OneNet ({cfg.detector['backbone']['depth']}) {cfg.data.image_size}px, batch {cfg.data.batch_size}, "
+        f"{args.threads} torch thread(s), {args.epochs} epochs, shards in {root}",
+        flush=True,
+    )
+    bare = bare_loop(cfg, shards["train"], args.epochs, args.threads)
+    platform = platform_run(cfg, args.epochs)
+    bare_speed, platform_speed = float(np.mean(bare[1:])), float(np.mean(platform[1:]))
+    ratio = platform_speed / bare_speed
+    print()
+    print(f"{'training images/s (epochs 2..N)':<34} {'images/s':>9}")
+    print(f"{'bare PyTorch loop (1 process)':<34} {bare_speed:>9.2f}")
+    print(f"{'anchorless train() (1 worker)':<34} {platform_speed:>9.2f}")
+    print(f"{'ratio platform / bare':<34} {ratio:>9.3f}")
+    print(
+        json.dumps(
+            {
+                "bare_images_per_s": round(bare_speed, 3),
+                "platform_images_per_s": round(platform_speed, 3),
+                "platform_vs_bare_ratio": round(ratio, 3),
+                "image_size": cfg.data.image_size,
+                "batch_size": cfg.data.batch_size,
+                "threads": args.threads,
+                "epochs": args.epochs,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -139,7 +139,11 @@ class ProgressDisplay:
                 self.last_evaluation = item
             return
         kind = item.get("kind")
-        if kind == "start":
+        if kind == "start" and self._bar is not None:  # Ray Train restarted the workers
+            self._bar.n = item.get("step", 0)
+            self._bar.write(f"workers restarted: continuing from epoch {item['epoch']}, step {item['step']}")
+            self._bar.refresh()
+        elif kind == "start":
             self._bar = tqdm(
                 total=self.total_steps,
                 initial=item.get("step", 0),

@@ -395,7 +395,8 @@ def train(
             logging.getLogger(name).setLevel(logging.WARNING)
     started_ray = connect_ray(address, cfg, verbose=verbose)
     try:
-        _check_cluster(cfg)
+        if started_ray and not (address or os.environ.get("RAY_ADDRESS")):
+            _check_cluster(cfg)  # a real cluster may autoscale to fit; a local Ray never will
         result = _fit(cfg, plan, tracker, progress=progress, callbacks=callbacks)
         summary = _finish(cfg, plan, tracker, result, minutes=(time.monotonic() - started) / 60)
     except BaseException as exc:
@@ -451,17 +452,19 @@ def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, 
 
     if result.checkpoint is None:
         raise TrainingError(f"training run {plan.name!r} reported no checkpoint")
-    checkpoint_dir = Path(result.checkpoint.path)
-    state = json.loads((checkpoint_dir / STATE_FILE).read_text())
+    with result.checkpoint.as_directory() as checkpoint_dir:  # a local path, or a download from remote storage
+        state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
+        weights = model_state_dict(checkpoint_dir)
+    # The checkpoint's own metrics first: a resumed run that had nothing left to train reports none.
     metrics = dict(state.get("metrics", {}))
     metrics.update({k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))})
-    export_path = export_checkpoint(model_state_dict(checkpoint_dir), cfg, plan.manifest, plan.run_dir / EXPORT_FILE)
+    export_path = export_checkpoint(weights, cfg, plan.manifest, plan.run_dir / EXPORT_FILE)
     model_uri = log_and_register(tracker, export_path, cfg, metrics)
     summary = {
         "run_id": tracker.run_id,
         "run_name": plan.name,
         "model_uri": model_uri,
-        "checkpoint": str(checkpoint_dir),
+        "checkpoint": result.checkpoint.path,
         "export": str(export_path),
         "tracking_uri": tracker.tracking_uri,
         "epoch": metrics.get("epoch"),

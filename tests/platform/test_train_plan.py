@@ -144,3 +144,15 @@ def test_a_finished_run_returns_its_summary_unless_more_epochs_are_asked_for(tmp
     longer = _cfg(tmp_path, shards, training={"num_workers": 2, "epochs": 5})
     plan = plan_run(longer)
     assert plan.finished_summary is None and plan.resume_run_id == "abc123"
+
+
+def test_an_unreachable_tracking_store_is_a_clear_error_before_ray_starts(tmp_path, shards, monkeypatch):
+    import ray
+
+    from anchorless.platform.tracking import TrackingError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = _cfg(tmp_path, shards, tracking={"tracking_uri": "http://127.0.0.1:9"})  # nothing listens on port 9
+    with pytest.raises(TrackingError, match=r"http://127.0.0.1:9 is not reachable"):
+        train(cfg)
+    assert not ray.is_initialized()

@@ -71,7 +71,9 @@ def _scheduler(campaign: Campaign) -> Any:
     if spec.scheduler.kind == "asha":
         return ASHAScheduler(
             time_attr="epoch",
-            max_t=epochs,
+            # One past the last epoch: ASHA stops a trial that reaches max_t at once, which
+            # would kill its driver before it exports and logs the trained model.
+            max_t=epochs + 1,
             grace_period=min(spec.scheduler.grace_period, epochs),
             reduction_factor=spec.scheduler.reduction_factor,
         )
@@ -119,8 +121,9 @@ def _tuner(campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequen
         campaign_overrides=list(overrides),
         parent_run_id=parent_run_id,
     )
-    # The trial driver only waits on its TorchTrainer; the workers hold the CPUs.
-    trainable = tune.with_resources(trainable, {"cpu": 0})
+    # The trial driver only waits on its TorchTrainer; the workers hold the CPUs
+    # (Tune refuses a request of zero resources, hence a sliver).
+    trainable = tune.with_resources(trainable, {"cpu": 0.01})
     tuner_path = root / TUNER_DIR
     if not restart and tune.Tuner.can_restore(str(tuner_path)):
         log.info("resuming campaign %r from %s", spec.name, tuner_path)
@@ -184,9 +187,12 @@ def tune_campaign(
     record = {"parent_run_id": parent.run_id, "tracking_uri": parent.tracking_uri, "name": spec.name}
     _write_atomic(record_path, json.dumps(record, indent=2))
 
+    # A local Ray must fit every concurrent trial's workers plus the trial drivers' slivers,
+    # and still leave whole CPUs for Ray Data's decode tasks (connect_ray adds one).
     cpus_needed = spec.max_concurrent_trials * campaign.base.training.num_workers * campaign.base.training.cpus_per_worker
     base_for_ray = campaign.base.model_copy(deep=True)
-    base_for_ray.training.num_workers = max(1, cpus_needed)
+    base_for_ray.training.num_workers = cpus_needed + 1
+    base_for_ray.training.cpus_per_worker = 1
     started_ray = connect_ray(address, base_for_ray)
     try:
         results = _tuner(campaign, root, parent.run_id, overrides, restart).fit()
@@ -244,9 +250,16 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
         if child and child.info.status == "RUNNING":  # stopped early by the scheduler
             client.set_tag(child.info.run_id, "anchorless.early_stopped", str(row["epochs"] is not None and row["epochs"] < campaign.base.training.epochs).lower())
             client.set_terminated(child.info.run_id, status="FINISHED" if not result.error else "FAILED")
-    scored = [row for row in rows if isinstance(row[spec.metric], (int, float)) and not math.isnan(row[spec.metric])]
+    # Only trials that ran every epoch have a logged model to register.
+    scored = [
+        row
+        for row in rows
+        if row["epochs"] == campaign.base.training.epochs
+        and isinstance(row[spec.metric], (int, float))
+        and not math.isnan(row[spec.metric])
+    ]
     if not scored:
-        raise TuningError(f"campaign {spec.name!r}: no trial reported {spec.metric}; see {root / TUNER_DIR}")
+        raise TuningError(f"campaign {spec.name!r}: no trial completed with {spec.metric}; see {root / TUNER_DIR}")
     best = (max if spec.mode == "max" else min)(scored, key=lambda row: row[spec.metric])
     best_config = campaign.trial({k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")})
 

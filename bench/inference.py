@@ -12,7 +12,11 @@ sqrt(cls * ctr) > 0.2) — with random weights almost nothing passes, so this is
 network's cost — and "loaded" (both thresholds 0), where 1000 candidates per level go
 through NMS, the worst case of post-processing.
 
-    .venv/bin/python bench/inference.py [--size 384] [--batch 2] [--repeats 5] [--threads 2]
+Times are CPU time of the one thread doing the work (``time.thread_time``, torch set to
+one intra-op thread), so the load of other jobs on a shared machine does not enter; the
+median over interleaved rounds.
+
+    .venv/bin/python bench/inference.py [--size 384] [--batch 2] [--repeats 5]
 
 Prints a side-by-side table, then one JSON line of headline figures.
 """
@@ -73,9 +77,9 @@ def measure(models, images: torch.Tensor, repeats: int) -> dict[str, dict[str, f
     detections = {}
     for _ in range(repeats):
         for name, (model, as_list) in models.items():
-            start = time.perf_counter()
+            start = time.thread_time()
             detections[name] = run(model, as_list, images)
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(time.thread_time() - start)
     return {
         name: {"images_per_s": len(images) / statistics.median(s), "detections": detections[name] / len(images)}
         for name, s in seconds.items()
@@ -87,8 +91,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=384, help="square input size (multiple of 32)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    args.threads = 1  # thread_time counts the calling thread only
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size)
@@ -97,8 +101,8 @@ def main() -> None:
     for load in ("default", "loaded"):
         results[load] = measure(build_models(args.size, load == "loaded"), images, args.repeats)
 
-    print(f"Inference, {args.batch} x 3 x {args.size} x {args.size}, {args.threads} threads, CPU, "
-          f"random weights, forward + post-processing, median of {args.repeats}")
+    print(f"Inference, {args.batch} x 3 x {args.size} x {args.size}, 1 thread, images per CPU-second "
+          f"(thread time), random weights, forward + post-processing, median of {args.repeats}")
     print(f"{'model':<22} | {'default img/s':>13} | {'vs tv FCOS':>10} | {'loaded img/s':>12} | "
           f"{'vs tv FCOS':>10} | {'dets/img (loaded)':>17}")
     print("-" * 100)

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import generalized_box_iou
 
 # --------------------------------------------------------------------------- OneNet
+# Costs are laid out (M, R), one row per ground truth: "min" then reduces along contiguous
+# memory, and scipy's solver gets M <= R rows as it prefers.
 
 
 class FocalClassCost(nn.Module):
@@ -33,9 +34,9 @@ class FocalClassCost(nn.Module):
         self.weight, self.alpha, self.gamma = weight, alpha, gamma
 
     def forward(self, cls_logits: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
-        prob = cls_logits[:, gt_labels].sigmoid()  # (R, M)
-        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()  # (R, M)
-        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()  # (R, M)
+        prob = cls_logits.T[gt_labels].sigmoid()  # (M, R)
+        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + 1e-8).log()  # (M, R)
+        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + 1e-8).log()  # (M, R)
         return self.weight * (pos - neg)
 
 
@@ -49,9 +50,14 @@ class BoxL1Cost(nn.Module):
     def forward(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         h, w = image_size
         scale = pred_boxes.new_tensor([w, h, w, h])  # (4,)
-        # Broadcasting, not torch.cdist(p=1): for 4-d points cdist is ~10x slower on CPU.
-        diff = pred_boxes[:, None, :] / scale - gt_boxes[None, :, :] / scale  # (R, M, 4)
-        return self.weight * diff.abs().sum(dim=2)  # (R, M)
+        pred = (pred_boxes / scale).T.contiguous()  # (4, R)
+        gt = gt_boxes / scale  # (M, 4)
+        # One (M, R) term per coordinate: ~20x faster on CPU than torch.cdist(p=1) or an
+        # (M, R, 4) broadcast, and no (M, R, 4) temporary.
+        cost = (gt[:, 0:1] - pred[0]).abs_()  # (M, R)
+        for k in range(1, 4):
+            cost += (gt[:, k : k + 1] - pred[k]).abs_()
+        return cost.mul_(self.weight)
 
 
 class GIoUCost(nn.Module):
@@ -62,14 +68,14 @@ class GIoUCost(nn.Module):
         self.weight = weight
 
     def forward(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
-        return -self.weight * generalized_box_iou(pred_boxes, gt_boxes)  # (R, M)
+        return -self.weight * generalized_box_iou(gt_boxes, pred_boxes)  # (M, R)
 
 
 class MinCostAssigner(nn.Module):
     """OneNet's minimum-cost assignment: one positive location per ground truth.
 
-    cost = cost_cls * C_cls + cost_l1 * C_L1 + cost_giou * C_giou for every (location,
-    ground truth) pair. ``mode="min"`` (OneNet) gives each ground truth the location of
+    cost = cost_cls * C_cls + cost_l1 * C_L1 + cost_giou * C_giou for every (ground truth,
+    location) pair. ``mode="min"`` (OneNet) gives each ground truth the location of
     minimum cost, independently, so two ground truths may take the same location;
     ``mode="hungarian"`` solves the one-to-one problem with scipy's linear_sum_assignment
     (DETR-style), which is what "min" approximates at a fraction of the cost.
@@ -124,28 +130,30 @@ class MinCostAssigner(nn.Module):
         gt_labels: torch.Tensor,
         image_size: tuple[int, int],
     ) -> torch.Tensor:
-        """(R, M) total matching cost. cls_logits (R, C), pred_boxes (R, 4), gt_boxes (M, 4)."""
+        """(M, R) total matching cost. cls_logits (R, C), pred_boxes (R, 4), gt_boxes (M, 4)."""
         return (
             self.cls_cost(cls_logits, gt_labels)
             + self.l1_cost(pred_boxes, gt_boxes, image_size)
             + self.giou_cost(pred_boxes, gt_boxes)
-        )  # (R, M)
+        )  # (M, R)
 
     @torch.no_grad()
     def solve(self, cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Match on a given (R, M) cost: (pred_idx (K,), gt_idx (K,)), ordered by ground truth."""
-        num_gt = cost.shape[1]
-        if num_gt == 0 or cost.shape[0] == 0:
+        """Match on a given (M, R) cost: (pred_idx (K,), gt_idx (K,)), ordered by ground truth."""
+        num_gt = cost.shape[0]
+        if num_gt == 0 or cost.shape[1] == 0:
             empty = torch.zeros(0, dtype=torch.long, device=cost.device)
             return empty, empty
         if self.mode == "min":
-            pred_idx = cost.T.contiguous().argmin(dim=1)  # (M,); a contiguous reduction is ~4x faster
-            return pred_idx, torch.arange(num_gt, device=cost.device)
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())  # K = min(R, M) pairs
-        order = np.argsort(cols)
-        pred_idx = torch.as_tensor(rows[order], dtype=torch.long, device=cost.device)  # (K,)
-        gt_idx = torch.as_tensor(cols[order], dtype=torch.long, device=cost.device)  # (K,)
-        return pred_idx, gt_idx
+            gt_idx = torch.arange(num_gt, device=cost.device)  # (M,)
+            if cost.device.type == "cpu":  # numpy's argmin is SIMD-vectorised, ~10x torch's on CPU
+                return torch.from_numpy(cost.numpy().argmin(axis=1)), gt_idx  # (M,)
+            return cost.argmin(dim=1), gt_idx  # (M,)
+        gt_idx, pred_idx = linear_sum_assignment(cost.cpu().numpy())  # K = min(M, R) pairs, by gt
+        return (
+            torch.as_tensor(pred_idx, dtype=torch.long, device=cost.device),
+            torch.as_tensor(gt_idx, dtype=torch.long, device=cost.device),
+        )
 
     @torch.no_grad()
     def forward(
@@ -158,7 +166,7 @@ class MinCostAssigner(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Assign for one image; returns (pred_idx (K,), gt_idx (K,)) into R and M."""
         if gt_boxes.shape[0] == 0:
-            return self.solve(cls_logits.new_zeros(cls_logits.shape[0], 0))
+            return self.solve(cls_logits.new_zeros(0, cls_logits.shape[0]))
         return self.solve(self.cost_matrix(cls_logits, pred_boxes, gt_boxes, gt_labels, image_size))
 
 

@@ -19,7 +19,7 @@ from anchorless.detectors.assigners import (
 
 def test_focal_class_cost_matches_hand_value_at_half_probability():
     # p = 0.5: pos = 0.25 * 0.5^2 * ln 2, neg = 0.75 * 0.5^2 * ln 2, cost = weight * (pos - neg)
-    cost = FocalClassCost(weight=2.0)(torch.zeros(1, 3), torch.tensor([1]))
+    cost = FocalClassCost(weight=2.0)(torch.zeros(1, 3), torch.tensor([1]))  # (M=1, R=1)
     expected = 2.0 * (0.25 - 0.75) * 0.25 * math.log(2)
     assert cost.shape == (1, 1)
     assert cost.item() == pytest.approx(expected, rel=1e-5)
@@ -49,9 +49,10 @@ def test_min_cost_assigner_picks_the_location_with_lowest_total_cost_for_one_gro
     # By hand for row 1: class cost at p = sigmoid(4); L1 = 8/64; GIoU = 256/400.
     p = torch.sigmoid(torch.tensor(4.0)).item()
     cls1 = 2 * (0.25 * (1 - p) ** 2 * -math.log(p) - 0.75 * p**2 * -math.log(1 - p))
-    assert cost[1, 0].item() == pytest.approx(cls1 + 5 * 8 / 64 - 2 * 256 / 400, rel=1e-4)
+    assert cost.shape == (1, 3)  # (M, R)
+    assert cost[0, 1].item() == pytest.approx(cls1 + 5 * 8 / 64 - 2 * 256 / 400, rel=1e-4)
     pred_idx, gt_idx = assigner(logits, boxes, gt, torch.tensor([0]), (64, 64))
-    assert pred_idx.tolist() == [int(cost[:, 0].argmin())] == [1]
+    assert pred_idx.tolist() == [int(cost[0].argmin())] == [1]
     assert gt_idx.tolist() == [0]
 
 
@@ -68,8 +69,8 @@ def test_two_ground_truths_share_one_location_in_min_mode_but_not_in_hungarian_m
     pred, gt = assigner(logits, boxes, gts, labels, (64, 64))
     assert sorted(pred.tolist()) == [0, 1] and gt.tolist() == [0, 1]
     cost = assigner.cost_matrix(logits, boxes, gts, labels, (64, 64))
-    best = min(cost[0, 0] + cost[1, 1], cost[1, 0] + cost[0, 1])
-    assert cost[pred, gt].sum().item() == pytest.approx(best.item())
+    best = min(cost[0, 0] + cost[1, 1], cost[0, 1] + cost[1, 0])
+    assert cost[gt, pred].sum().item() == pytest.approx(best.item())
 
 
 def test_hungarian_leaves_ground_truths_unmatched_when_there_are_fewer_locations():

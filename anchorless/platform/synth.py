@@ -10,7 +10,6 @@ every later step treats it like real data. Same seed, same bytes.
 from __future__ import annotations
 
 import json
-import os
 from io import BytesIO
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from anchorless.platform.files import write_atomic
 
 CATEGORIES = [
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
@@ -105,12 +106,6 @@ def _draw_image(rng: np.random.Generator, spec: SynthSpec) -> tuple[Image.Image,
     return image, objects
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def generate_synthetic_coco(
     out_dir: str | Path,
     *,
@@ -152,7 +147,7 @@ def generate_synthetic_coco(
                 # JPEG encoding is deterministic for the same pixels and settings.
                 buffer = BytesIO()
                 image.save(buffer, format="JPEG", quality=92)
-                _write_atomic(images_dir / file_name, buffer.getvalue())
+                write_atomic(images_dir / file_name, buffer.getvalue())
                 image_id = index + 1
                 coco["images"].append(
                     {"id": image_id, "file_name": file_name, "width": spec.size, "height": spec.size}
@@ -171,6 +166,6 @@ def generate_synthetic_coco(
                     )
                 bar.update(1)
             path = annotations_dir / f"instances_{split}.json"
-            _write_atomic(path, json.dumps(coco).encode())
+            write_atomic(path, json.dumps(coco).encode())
             files[split] = path
     return files

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from anchorless.platform.campaign import Campaign, load_campaign, to_tune_space
 from anchorless.platform.errors import AnchorlessError
+from anchorless.platform.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def tune_campaign(
         )
         parent.log_artifact(str(campaign.path))
     record = {"parent_run_id": parent.run_id, "tracking_uri": parent.tracking_uri, "name": spec.name}
-    _write_atomic(record_path, json.dumps(record, indent=2))
+    write_atomic(record_path, json.dumps(record, indent=2))
 
     # A local Ray must fit every concurrent trial's workers plus the trial drivers' slivers,
     # and still leave whole CPUs for Ray Data's decode tasks (connect_ray adds one).
@@ -213,12 +214,6 @@ def _params(values: dict[str, Any]) -> list[Any]:
     from mlflow.entities import Param
 
     return [Param(key, str(value)[:6000]) for key, value in values.items()]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dict[str, Any]:
@@ -263,10 +258,10 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
     best = (max if spec.mode == "max" else min)(scored, key=lambda row: row[spec.metric])
     best_config = campaign.trial({k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")})
 
-    (root / "trials.json").write_text(json.dumps(rows, indent=2, default=str))
+    write_atomic(root / "trials.json", json.dumps(rows, indent=2, default=str))
     parent.log_artifact(str(root / "trials.json"))
     best_path = root / "best_config.yaml"
-    best_path.write_text(best_config.to_yaml())
+    write_atomic(best_path, best_config.to_yaml())
     parent.log_artifact(str(best_path))
     plot = _plot_metric_vs_params(rows, spec.metric, list(spec.search_space), root / "metric_vs_params.png")
     if plot:
@@ -289,7 +284,7 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
         "best_params": {k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")},
         "model_uri": model_uri,
     }
-    _write_atomic(root / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_atomic(root / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

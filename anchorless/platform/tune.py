@@ -255,6 +255,8 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
     ]
     if not scored:
         raise TuningError(f"campaign {spec.name!r}: no trial completed with {spec.metric}; see {root / TUNER_DIR}")
+    # Ties go to the earliest trial, so a restored campaign names the same best.
+    scored.sort(key=lambda row: str(row["trial_id"]))
     best = (max if spec.mode == "max" else min)(scored, key=lambda row: row[spec.metric])
     best_config = campaign.trial({k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")})
 

@@ -88,7 +88,13 @@ def bare_loop(cfg, shard_dir: Path, epochs: int, threads: int) -> list[float]:
     speeds = []
     for epoch in range(epochs):
         start = time.perf_counter()
-        for batch in loader:
+        waited, batches_iter = 0.0, iter(loader)
+        while True:
+            fetch = time.perf_counter()
+            batch = next(batches_iter, None)
+            waited += time.perf_counter() - fetch
+            if batch is None:
+                break
             images, targets, _ = to_model_inputs(batch)
             loss = model(images, targets)["loss"]
             optimizer.zero_grad()
@@ -98,7 +104,7 @@ def bare_loop(cfg, shard_dir: Path, epochs: int, threads: int) -> list[float]:
             optimizer.step()
             scheduler.step()
         speeds.append(len(batches) * cfg.data.batch_size / (time.perf_counter() - start))
-        print(f"  bare     epoch {epoch + 1}: {speeds[-1]:.2f} images/s", flush=True)
+        print(f"  bare     epoch {epoch + 1}: {speeds[-1]:.2f} images/s, waited {waited:.2f} s for data", flush=True)
     return speeds
 
 
@@ -109,10 +115,14 @@ def platform_run(cfg, epochs: int) -> list[float]:
     from anchorless.platform.train import train
 
     summary = train(cfg, restart=True, progress=False)
-    history = MlflowClient(summary["tracking_uri"]).get_metric_history(summary["run_id"], "epoch_images_per_s")
-    speeds = [m.value for m in sorted(history, key=lambda m: m.step)]
-    for epoch, speed in enumerate(speeds, 1):
-        print(f"  platform epoch {epoch}: {speed:.2f} images/s", flush=True)
+    client = MlflowClient(summary["tracking_uri"])
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]
+        for key in ("epoch_images_per_s", "data_wait_s")
+    }
+    speeds = history["epoch_images_per_s"]
+    for epoch, (speed, waited) in enumerate(zip(speeds, history["data_wait_s"]), 1):
+        print(f"  platform epoch {epoch}: {speed:.2f} images/s, waited {waited:.2f} s for data", flush=True)
     return speeds
 
 

@@ -157,6 +157,10 @@ def build_engine(
             config=ds_config,
             lr_scheduler=lr_scheduler_factory(schedule, total_steps),
         )
+    if engine.dp_world_size == 1:
+        # Alone, DeepSpeed would still flatten every gradient and all-reduce it with itself
+        # (~40 ms of a ~500 ms ResNet-18 step on one CPU thread).
+        engine.enable_backward_allreduce = False
     return engine, scheduler
 
 

@@ -221,15 +221,16 @@ def connect_ray(address: str | None, cfg: ExperimentConfig, *, verbose: bool = F
         ray.init(address=address, **output)
         return True
     needed = cfg.training.num_workers * cfg.training.cpus_per_worker
+    quiet = {} if verbose else {
+        "env_vars": dict(QUIET_WORKER_ENV),
+        "worker_process_setup_hook": "anchorless.platform.progress.quiet_worker_logs",
+    }
     ray.init(
         # Logical CPUs: Ray Data's decode tasks must be schedulable beside the training workers
         # even when those take every core (the workers spend their time in torch's own threads).
         num_cpus=max(os.cpu_count() or 1, needed + 1),
         include_dashboard=False,
-        runtime_env={
-            "env_vars": dict(QUIET_WORKER_ENV),
-            "worker_process_setup_hook": "anchorless.platform.progress.quiet_worker_logs",
-        },
+        runtime_env=quiet,
         **output,
     )
     return True
@@ -309,6 +310,7 @@ def build_trainer(
         "label_to_category_id": [coco_id for _, coco_id, _ in _category_table(plan.manifest)],
         "progress_queue": progress_queue,
         "fault": _fault_from_env(plan.run_dir),
+        "quiet": not logging.getLogger("ray").isEnabledFor(logging.DEBUG),
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -327,7 +329,7 @@ def build_trainer(
                 checkpoint_score_order=training.checkpoint.mode,
             ),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": {**worker_env(training.use_gpu), **QUIET_WORKER_ENV}},
+            worker_runtime_env={"env_vars": {**worker_env(training.use_gpu), **(QUIET_WORKER_ENV if worker_plan["quiet"] else {})}},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,

@@ -18,9 +18,10 @@ import os
 import signal
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray.train
 import ray.train.torch
@@ -41,6 +42,7 @@ class LoopState:
     nonfinite_steps: int = 0
     loss_sums: dict[str, float] = field(default_factory=dict)
     micro_steps: int = 0
+    data_wait_s: float = 0.0
 
     def add(self, losses: dict[str, float]) -> None:
         for name, value in losses.items():
@@ -52,9 +54,10 @@ class LoopState:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    quiet_worker_logs()  # again: Ray Train configured this process's logging after the setup hook ran
     cfg = ExperimentConfig.model_validate(config["cfg"])
     plan: dict[str, Any] = config["plan"]
+    if plan.get("quiet", True):
+        quiet_worker_logs()  # here too: Ray Train configures a worker's logging after any setup hook
     training = cfg.training
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -77,6 +80,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         state.epoch, state.nonfinite_steps = saved["epoch"], saved.get("nonfinite_steps", 0)
 
     tracker = progress = None
+    # Rank 0's per-step logging (an MLflow write, a queue put) runs beside training, in order.
+    side_work = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchorless-log")
     if rank == 0:
         from anchorless.platform.tracking import Tracker
 
@@ -91,13 +96,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         state.loss_sums, state.micro_steps = {}, 0
         epoch_start = window_start = time.perf_counter()
         window_steps = 0
-        for images, targets, _ in iter_batches_for_steps(
-            train_shard,
-            batch_size=cfg.data.batch_size,
-            steps=plan["micro_steps_per_epoch"],  # the same on every rank
-            device=device,
-            prefetch_batches=cfg.data.prefetch_batches,
-        ):
+        batches = _timed(
+            iter_batches_for_steps(
+                train_shard,
+                batch_size=cfg.data.batch_size,
+                steps=plan["micro_steps_per_epoch"],  # the same on every rank
+                device=device,
+                prefetch_batches=cfg.data.prefetch_batches,
+            ),
+            state,
+        )
+        for images, targets, _ in batches:
             losses = engine(images, targets)
             step = engine.global_steps + 1
             losses = _maybe_inject_fault(plan.get("fault"), losses, rank=rank, step=step)
@@ -120,19 +129,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 now = time.perf_counter()
                 speed = window_steps * images_per_step / (now - window_start)
                 window_start, window_steps = now, 0
-                lr = scheduler.get_last_lr()[0]
-                progress.send("step", epoch=epoch + 1, step=engine.global_steps, losses=averaged, lr=lr, images_per_s=speed)
-                tracker.log_metrics({**averaged, "lr": lr, "images_per_s": speed}, step=engine.global_steps)
+                lr, step = scheduler.get_last_lr()[0], engine.global_steps
+                side_work.submit(progress.send, "step", epoch=epoch + 1, step=step, losses=averaged, lr=lr, images_per_s=speed)
+                side_work.submit(tracker.log_metrics, {**averaged, "lr": lr, "images_per_s": speed}, step=step)
             if cfg.evaluation.every_steps and engine.global_steps % cfg.evaluation.every_steps == 0:
                 ray.train.report(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
 
         train_seconds = time.perf_counter() - epoch_start
+        side_work.submit(lambda: None).result()  # this epoch's step logs are out before its summary
         state.epoch = epoch + 1
         metrics = {
             "epoch": state.epoch,
             "step": engine.global_steps,
             "lr": scheduler.get_last_lr()[0],
             "images_per_s": state.micro_steps * images_per_step / max(train_seconds, 1e-9),
+            "data_wait_s": state.data_wait_s,  # time this rank waited for batches: the pipeline's share
             "nonfinite_steps": state.nonfinite_steps,
             **state.epoch_losses(),
         }
@@ -158,6 +169,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_epoch{state.epoch:04d}_step{engine.global_steps:07d}",
             )
+
+
+def _timed(batches: Iterator[Any], state: LoopState) -> Iterator[Any]:
+    """The batches, adding the time spent waiting for each to ``state.data_wait_s`` (reset per epoch)."""
+    state.data_wait_s = 0.0
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        state.data_wait_s += time.perf_counter() - start
+        yield batch
 
 
 def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -111,6 +111,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(process_g
     training = TrainingConfig(zero_stage=zero_stage, schedule={"kind": "cosine", "warmup_steps": 3})
     ds = deepspeed_config(training, batch_size=2, world_size=1)
     engine, scheduler = build_engine(_tiny_model(), ds, training.schedule, total_steps=20)
+    assert engine.enable_backward_allreduce == (zero_stage > 0)  # one worker, ZeRO 0: no all-reduce with itself
     inputs = torch.randn(2, 4)
     for _ in range(5):
         engine.backward(engine(inputs).pow(2).mean())

@@ -4,9 +4,9 @@ without duplicates although it has no NMS.
 
 The recipe is the same for all three: ResNet-18 with BatchNorm from random weights (no
 downloads), AdamW with a one-cycle schedule, gradient clipping, the whole handful as one
-batch, 4 images of 128 pixels. Only the number of steps differs: with random weights
-CenterNet and FCOS reach AP50 = 1.0 by step 50, OneNet (one positive per object) needs
-about twice as long.
+batch, 4 images of 128 pixels. Only the number of steps differs. In our runs all three
+reached AP50 = 1.0 by step 50; CenterNet and FCOS get 80 steps for margin, OneNet (one
+positive per object, so its boxes learn from few samples) gets 100.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ shards with the same batch, the same torch threads, the same augmentation code
 same LR schedule. The bare loop decodes in one persistent DataLoader worker process,
 as a plain PyTorch script would; the platform decodes in Ray Data tasks. Throughput
 is training images per second over the epochs after the first (start-up excluded on
-both sides; evaluation and checkpoints are outside the timed loop on both sides).
+both sides; evaluation and checkpoints are outside the timed loop on both sides), the
+median over alternating rounds of both.
 
-    python bench/train_overhead.py [--epochs 4] [--num-images 240] [--threads 1]
+    python bench/train_overhead.py [--epochs 4] [--num-images 300] [--threads 1] [--repeats 2]
 
 Prints a side-by-side table, then one JSON line with the figures.
 """
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=300, help="synthetic images (80%% train)")
     parser.add_argument("--size", type=int, default=192, help="synthetic image side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process / worker")
+    parser.add_argument("--repeats", type=int, default=2, help="bare/platform rounds, alternating (the machine's load drifts)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -161,12 +163,15 @@ def main() -> None:
         f"{args.threads} torch thread(s), {args.epochs} epochs, shards in {root}",
         flush=True,
     )
-    bare = bare_loop(cfg, shards["train"], args.epochs, args.threads)
-    platform = platform_run(cfg, args.epochs)
-    bare_speed, platform_speed = float(np.mean(bare[1:])), float(np.mean(platform[1:]))
+    bare, platform = [], []
+    for round_ in range(args.repeats):
+        print(f"round {round_ + 1}/{args.repeats}", flush=True)
+        bare += bare_loop(cfg, shards["train"], args.epochs, args.threads)[1:]
+        platform += platform_run(cfg, args.epochs)[1:]
+    bare_speed, platform_speed = float(np.median(bare)), float(np.median(platform))
     ratio = platform_speed / bare_speed
     print()
-    print(f"{'training images/s (epochs 2..N)':<34} {'images/s':>9}")
+    print(f"{'median training images/s':<34} {'images/s':>9}   (epochs 2..{args.epochs} of {args.repeats} rounds)")
     print(f"{'bare PyTorch loop (1 process)':<34} {bare_speed:>9.2f}")
     print(f"{'anchorless train() (1 worker)':<34} {platform_speed:>9.2f}")
     print(f"{'ratio platform / bare':<34} {ratio:>9.3f}")
@@ -180,6 +185,9 @@ def main() -> None:
                 "batch_size": cfg.data.batch_size,
                 "threads": args.threads,
                 "epochs": args.epochs,
+                "repeats": args.repeats,
+                "bare_epochs": [round(v, 2) for v in bare],
+                "platform_epochs": [round(v, 2) for v in platform],
             }
         )
     )

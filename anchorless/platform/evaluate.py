@@ -171,6 +171,7 @@ def evaluate(
 
     own_ray = not ray.is_initialized()
     if own_ray:
+        address = address or os.environ.get("RAY_ADDRESS") or "local"  # never a stray `ray start` cluster
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     try:
         context = ray.data.DataContext.get_current()

@@ -226,6 +226,7 @@ def connect_ray(address: str | None, cfg: ExperimentConfig, *, verbose: bool = F
         "worker_process_setup_hook": "anchorless.platform.progress.quiet_worker_logs",
     }
     ray.init(
+        address="local",  # a new Ray of our own, never one a `ray start` on this machine left behind
         # Logical CPUs: Ray Data's decode tasks must be schedulable beside the training workers
         # even when those take every core (the workers spend their time in torch's own threads).
         num_cpus=max(os.cpu_count() or 1, needed + 1),

@@ -140,6 +140,12 @@ class TrainingConfig(_Section):
         "stop", description="a NaN/inf loss stops the run, or skips that step"
     )
     log_every_steps: int = Field(10, ge=1)
+    time_budget_minutes: float | None = Field(
+        None,
+        gt=0.0,
+        description="stop once this much training time is spent (evaluation excluded): the partial "
+        "epoch is evaluated and checkpointed; the LR schedule still spans `epochs`",
+    )
 
     @model_validator(mode="after")
     def _precision_needs_gpu(self) -> "TrainingConfig":

@@ -43,6 +43,7 @@ class LoopState:
     loss_sums: dict[str, float] = field(default_factory=dict)
     micro_steps: int = 0
     data_wait_s: float = 0.0
+    train_seconds: float = 0.0  # training time of the whole run, kept across restarts (time budget)
 
     def add(self, losses: dict[str, float]) -> None:
         for name, value in losses.items():
@@ -78,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         with checkpoint.as_directory() as checkpoint_dir:
             saved = load_engine(engine, checkpoint_dir)
         state.epoch, state.nonfinite_steps = saved["epoch"], saved.get("nonfinite_steps", 0)
+        state.train_seconds = saved.get("train_seconds", 0.0)
 
     tracker = progress = None
     # Rank 0's per-step logging (an MLflow write, a queue put) runs beside training, in order.
@@ -92,9 +94,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     images_per_step = cfg.data.batch_size * world_size
+    budget_s = training.time_budget_minutes * 60.0 if training.time_budget_minutes else None
+    out_of_time = False
     for epoch in range(state.epoch, training.epochs):
         state.loss_sums, state.micro_steps = {}, 0
-        epoch_start = window_start = time.perf_counter()
+        epoch_start = window_start = tick = time.perf_counter()
         window_steps = 0
         batches = _timed(
             iter_batches_for_steps(
@@ -132,8 +136,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 lr, step = scheduler.get_last_lr()[0], engine.global_steps
                 side_work.submit(progress.send, "step", epoch=epoch + 1, step=step, losses=averaged, lr=lr, images_per_s=speed)
                 side_work.submit(tracker.log_metrics, {**averaged, "lr": lr, "images_per_s": speed}, step=step)
+            now = time.perf_counter()
+            state.train_seconds, tick = state.train_seconds + now - tick, now
+            if budget_s is not None and state.micro_steps % training.grad_accum == 0:
+                out_of_time = _on_every_rank(state.train_seconds >= budget_s)
+                if out_of_time:
+                    break
             if cfg.evaluation.every_steps and engine.global_steps % cfg.evaluation.every_steps == 0:
                 ray.train.report(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
+                tick = time.perf_counter()
 
         train_seconds = time.perf_counter() - epoch_start
         side_work.submit(lambda: None).result()  # this epoch's step logs are out before its summary
@@ -145,12 +156,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             "images_per_s": state.micro_steps * images_per_step / max(train_seconds, 1e-9),
             "data_wait_s": state.data_wait_s,  # time this rank waited for batches: the pipeline's share
             "nonfinite_steps": state.nonfinite_steps,
+            "train_seconds": state.train_seconds,
             **state.epoch_losses(),
         }
         if tracker is not None:  # epoch means, named apart from the per-step values
             per_step = ("images_per_s", "lr", *state.loss_sums)
             tracker.log_metrics({f"epoch_{k}" if k in per_step else k: v for k, v in metrics.items()}, step=engine.global_steps)
-        last = state.epoch == training.epochs
+        last = state.epoch == training.epochs or out_of_time
         save = last or state.epoch % training.checkpoint.every_epochs == 0
         if save or state.epoch % cfg.evaluation.every_epochs == 0:
             # A checkpoint is always scored: Ray Train keeps the best ones by that score.
@@ -159,7 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             ray.train.report(metrics)
             continue
         with tempfile.TemporaryDirectory(prefix="anchorless-ckpt-") as tmp:
-            client_state = {"epoch": state.epoch, "nonfinite_steps": state.nonfinite_steps}
+            client_state = {"epoch": state.epoch, "nonfinite_steps": state.nonfinite_steps, "train_seconds": state.train_seconds}
             save_engine(engine, tmp, client_state)
             if rank == 0:
                 state_json = {**client_state, "step": engine.global_steps, "run_id": plan["run_id"], "metrics": metrics}
@@ -169,6 +181,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"checkpoint_epoch{state.epoch:04d}_step{engine.global_steps:07d}",
             )
+        if out_of_time:
+            if progress is not None:
+                progress.send("message", text=f"time budget of {training.time_budget_minutes:g} min spent at step {engine.global_steps}")
+            break
 
 
 def _timed(batches: Iterator[Any], state: LoopState) -> Iterator[Any]:
@@ -182,6 +198,16 @@ def _timed(batches: Iterator[Any], state: LoopState) -> Iterator[Any]:
             return
         state.data_wait_s += time.perf_counter() - start
         yield batch
+
+
+def _on_every_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any: ranks must stop at the same step or the
+    next collective hangs (their clocks differ by a few milliseconds)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ShardBatches  # noqa: E402
 
 
 def make_shards(root: Path, num_images: int, size: int) -> dict[str, Path]:
@@ -38,33 +42,6 @@ def make_shards(root: Path, num_images: int, size: int) -> dict[str, Path]:
     for split, annotations in files.items():
         write_shards(annotations, root / "synth" / "images", root / "shards" / split, progress=False)
     return {split: root / "shards" / split for split in files}
-
-
-class ShardBatches(torch.utils.data.Dataset):
-    """Batch ``i`` of an epoch: rows of the train shards decoded and augmented like the pipeline does."""
-
-    def __init__(self, shard_dir: Path, cfg, epoch_seed: int) -> None:
-        import pyarrow as pa
-
-        from anchorless.platform.shards import iter_shard_tables, read_manifest
-
-        self.table = pa.concat_tables(list(iter_shard_tables(shard_dir, read_manifest(shard_dir))))
-        self.cfg = cfg
-        self.order = np.random.default_rng(epoch_seed).permutation(self.table.num_rows)
-
-    def __len__(self) -> int:
-        return self.table.num_rows // self.cfg.data.batch_size
-
-    def __getitem__(self, index: int):
-        from anchorless.platform.data import decode_and_transform
-
-        data = self.cfg.data
-        rows = self.order[index * data.batch_size : (index + 1) * data.batch_size]
-        augment = data.augment.model_dump() if data.augment.enabled else None
-        return decode_and_transform(
-            self.table.take(rows), image_size=data.image_size, max_boxes=data.max_boxes, augment=augment,
-            seed=self.cfg.training.seed, epoch=0,  # the draws differ per epoch in the pipeline; the cost does not
-        )
 
 
 def bare_loop(cfg, shard_dir: Path, epochs: int, threads: int) -> list[float]:
@@ -80,7 +57,7 @@ def bare_loop(cfg, shard_dir: Path, epochs: int, threads: int) -> list[float]:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=optimizer_cfg.lr, betas=optimizer_cfg.betas, weight_decay=optimizer_cfg.weight_decay, foreach=True
     )
-    batches = ShardBatches(shard_dir, cfg, cfg.training.seed)
+    batches = ShardBatches(shard_dir, cfg)
     schedule = WarmupSchedule.from_config(cfg.training.schedule, len(batches) * epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loader = torch.utils.data.DataLoader(

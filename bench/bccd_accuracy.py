@@ -1,0 +1,221 @@
+"""Accuracy for a fixed training-time budget on real data: BCCD, scored on its test split.
+
+Three detectors, each trained from scratch for the same wall-clock budget of training
+time on this machine (start-up and evaluation excluded on every side):
+
+- ``onenet_r18``: OneNet-R18 through ``anchorless.platform.train.train`` (two Ray Train
+  workers, DeepSpeed fp32, Ray Data), stopped by ``training.time_budget_minutes``;
+- ``fcos_r18``: our FCOS-R18 through the same path;
+- ``torchvision_fcos_r18``: torchvision's ``FCOS`` on a ResNet-18 FPN (P3-P7) trained by
+  a plain single-process loop with two torch threads and one DataLoader worker (the
+  same two cores), stopped at the same budget.
+
+Every side gets the same inputs and recipe: the BCCD train split letterboxed to
+``--image-size`` with the platform's augmentations (the peer reads the same shards
+through the same ``decode_and_transform``), 8 images per optimizer step, AdamW
+(lr 5e-4, weight decay 1e-4), 100 warmup steps then a constant LR, gradient clipping
+at 1.0, BatchNorm everywhere (no pretrained weights exist here). torchvision's
+transform gets ``min_size = max_size = image size`` so it only normalises (ImageNet
+mean/std, as ours), and its score threshold is FCOS's 0.05. Every model is scored by
+the same function (``common.score_on_split``: pycocotools AP/AP50 on original pixels
+and the duplicate rate) on the BCCD test split, which no side saw.
+
+    .venv/bin/python bench/bccd_accuracy.py [--bccd DIR] [--minutes 10] [--only NAME ...]
+
+Prints a side-by-side table, then one JSON line:
+``{"onenet_r18": {"AP":…, "AP50":…}, "fcos_r18": {…}, "torchvision_fcos_r18": {…}, "minutes": …}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ShardBatches, score_on_split  # noqa: E402
+
+OURS = ("onenet_r18", "fcos_r18")
+PEER = "torchvision_fcos_r18"
+DETECTORS = {
+    "onenet_r18": {"name": "onenet", "num_classes": 3, "backbone": {"depth": 18}},
+    "fcos_r18": {"name": "fcos", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_bccd = os.environ.get("ANCHORLESS_BCCD", str(REPO / ".." / "shared" / "datasets" / "bccd"))
+    parser.add_argument("--bccd", default=default_bccd, help="BCCD root (annotations/, images/)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training-time budget of each detector")
+    parser.add_argument("--image-size", type=int, default=416)
+    parser.add_argument("--only", nargs="+", choices=[*OURS, PEER], help="run only these")
+    parser.add_argument("--workdir", help="shards and runs go here (default: a new temporary directory)")
+    return parser.parse_args()
+
+
+def experiment_config(name: str, shards: dict[str, Path], workdir: Path, args: argparse.Namespace):
+    """The common recipe as a platform config; the peer reads its data/optimizer fields too."""
+    from anchorless.platform.config import build_config
+
+    return build_config(
+        {
+            "name": f"bench-bccd-{name}",
+            "workspace": str(workdir / "workspace"),
+            "data": {"train": str(shards["train"]), "val": str(shards["val"]), "image_size": args.image_size, "batch_size": 4, "max_boxes": 100},
+            "detector": DETECTORS.get(name, DETECTORS["fcos_r18"]),
+            "training": {
+                "epochs": 10_000,  # the budget stops it
+                "num_workers": 2,
+                "cpus_per_worker": 1,
+                "time_budget_minutes": args.minutes,
+                "optimizer": {"name": "adamw", "lr": 5e-4, "weight_decay": 1e-4},
+                "schedule": {"kind": "constant", "warmup_steps": 100, "warmup_factor": 0.01},
+                "grad_clip": 1.0,
+                "checkpoint": {"every_epochs": 10_000},
+            },
+            "evaluation": {"every_epochs": 10_000},  # scored once, at the stop, on val; test is scored below
+            "tracking": {"experiment": "bench-bccd", "registered_model": None, "tracking_uri": None},
+        }
+    )
+
+
+def run_ours(name: str, cfg, shards: dict[str, Path]) -> dict:
+    from anchorless.platform.export import load_model
+    from anchorless.platform.train import train
+
+    summary = train(cfg, restart=True, progress=True)
+    model, _ = load_model(summary["export"])
+    model.eval()
+    with contextlib.redirect_stdout(io.StringIO()):
+        scores = score_on_split(model.predict, shards["test"], cfg)
+    return {**scores, "steps": summary["step"], "epochs": summary["epoch"]}
+
+
+def torchvision_fcos(num_classes: int, image_size: int) -> torch.nn.Module:
+    from torchvision.models.detection import FCOS
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet18",
+        weights=None,
+        norm_layer=torch.nn.BatchNorm2d,  # trainable BN: nothing pretrained to freeze
+        trainable_layers=5,
+        returned_layers=[2, 3, 4],
+        extra_blocks=LastLevelP6P7(256, 256),  # P6 from P5, as torchvision's own FCOS-R50
+    )
+    # Inputs arrive letterboxed to image_size: the transform's resize is then the identity.
+    return FCOS(backbone, num_classes=num_classes, min_size=image_size, max_size=image_size, score_thresh=0.05)
+
+
+def run_peer(cfg, shards: dict[str, Path], minutes: float) -> dict:
+    """torchvision FCOS-R18 trained by a plain loop until ``minutes`` of training time."""
+    from tqdm import tqdm
+
+    from anchorless.platform.data import to_model_inputs
+    from anchorless.platform.engine import WarmupSchedule
+
+    torch.set_num_threads(2)
+    torch.manual_seed(cfg.training.seed)
+    model = torchvision_fcos(cfg.detector["num_classes"], cfg.data.image_size)
+    opt = cfg.training.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule.from_config(cfg.training.schedule, 10**9))
+    peer_cfg = cfg.model_copy(deep=True)
+    peer_cfg.data.batch_size = cfg.data.batch_size * cfg.training.num_workers  # one process takes the global batch
+    batches = ShardBatches(shards["train"], peer_cfg)
+    budget_s, spent, steps, epoch = minutes * 60.0, 0.0, 0, 0
+    bar = tqdm(total=round(budget_s), unit="s", desc="torchvision FCOS-R18 (training s)")
+    model.train()
+    while spent < budget_s:
+        batches.set_epoch(epoch)  # a fresh loader per epoch so its worker sees the new order
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=1, prefetch_factor=2)
+        tick = time.perf_counter()
+        for batch in loader:
+            images, targets, _ = to_model_inputs(batch)
+            losses = model(list(images), targets)
+            loss = sum(losses.values())
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.training.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+            now = time.perf_counter()
+            spent, tick = spent + now - tick, now
+            bar.update(round(spent) - bar.n)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            if spent >= budget_s:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+
+    def predict(images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return model(list(images))
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        scores = score_on_split(predict, shards["test"], cfg)
+    return {**scores, "steps": steps, "epochs": round(steps / len(batches), 2)}
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    bccd = Path(args.bccd)
+    if not (bccd / "annotations").is_dir():
+        sys.exit(f"BCCD not found at {bccd} (pass --bccd or set ANCHORLESS_BCCD)")
+    from anchorless.platform.shards import write_shards
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="anchorless-bench-bccd-"))
+    shards = {}
+    for split in ("train", "val", "test"):
+        shards[split] = workdir / "shards" / split
+        if not (shards[split] / "manifest.json").exists():
+            write_shards(bccd / "annotations" / f"instances_{split}.json", bccd / "images", shards[split], progress=False)
+
+    names = args.only or [PEER, *OURS]
+    results, loads = {}, {}
+    for name in names:
+        print(f"\n== {name}: {args.minutes:g} min of training", flush=True)
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        if name == PEER:
+            results[name] = run_peer(experiment_config(name, shards, workdir, args), shards, args.minutes)
+        else:
+            results[name] = run_ours(name, experiment_config(name, shards, workdir, args), shards)
+        loads[name] = (round(load_before, 1), round(os.getloadavg()[0], 1))
+        print(f"   wall {time.perf_counter() - start:.0f} s, load {loads[name]}: AP {results[name]['AP']:.4f} AP50 {results[name]['AP50']:.4f}", flush=True)
+
+    print(f"\nBCCD test split ({args.image_size} px), {args.minutes:g} min of training each, from scratch")
+    print(f"{'':<24} {'AP':>7} {'AP50':>7} {'AP75':>7} {'dup':>6} {'steps':>6} {'epochs':>7}")
+    for name, r in results.items():
+        print(f"{name:<24} {r['AP']:>7.4f} {r['AP50']:>7.4f} {r['AP75']:>7.4f} {r['duplicate_rate']:>6.3f} {r['steps']:>6} {r['epochs']:>7}")
+    if PEER in results:
+        for name in OURS:
+            if name in results:
+                ratio = results[name]["AP"] / max(results[PEER]["AP"], 1e-9)
+                print(f"{name} / {PEER}: AP x{ratio:.2f}, AP50 x{results[name]['AP50'] / max(results[PEER]['AP50'], 1e-9):.2f}")
+    figures = {
+        name: {key: round(float(r[key]), 4) for key in ("AP", "AP50", "AP75", "duplicate_rate")} | {"steps": r["steps"]}
+        for name, r in results.items()
+    }
+    print(json.dumps({**figures, "minutes": args.minutes, "image_size": args.image_size, "load_before_after": loads}))
+
+
+if __name__ == "__main__":
+    main()

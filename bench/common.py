@@ -1,0 +1,84 @@
+"""Pieces the benchmarks share: the peers' data path over our shards, and scoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+
+class ShardBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of an epoch over a shard directory, decoded and augmented exactly as the
+    Ray Data pipeline does it (``decode_and_transform``), for peers fed by a DataLoader.
+
+    ``set_epoch`` reshuffles and changes the augmentation draws, as a new epoch of the
+    pipeline does; it must be called before the DataLoader's workers start (or with
+    ``persistent_workers=False``) to reach them.
+    """
+
+    def __init__(self, shard_dir: Path, cfg: Any, *, train: bool = True) -> None:
+        import pyarrow as pa
+
+        from anchorless.platform.shards import iter_shard_tables, read_manifest
+
+        self.table = pa.concat_tables(list(iter_shard_tables(shard_dir, read_manifest(shard_dir))))
+        self.cfg, self.train = cfg, train
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        rows = np.arange(self.table.num_rows)
+        self.order = np.random.default_rng(self.cfg.training.seed + epoch).permutation(rows) if self.train else rows
+
+    def __len__(self) -> int:
+        batch = self.cfg.data.batch_size
+        return self.table.num_rows // batch if self.train else -(-self.table.num_rows // batch)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        from anchorless.platform.data import decode_and_transform
+
+        data = self.cfg.data
+        rows = self.order[index * data.batch_size : (index + 1) * data.batch_size]
+        augment = data.augment.model_dump() if (self.train and data.augment.enabled) else None
+        return decode_and_transform(
+            self.table.take(rows), image_size=data.image_size, max_boxes=data.max_boxes, augment=augment,
+            seed=self.cfg.training.seed, epoch=self.epoch,
+        )
+
+
+def iter_eval_batches(shard_dir: Path, cfg: Any) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(images in [0, 1], meta) for every image of a split, letterboxed, no augmentation."""
+    from anchorless.platform.data import to_model_inputs
+
+    batches = ShardBatches(shard_dir, cfg, train=False)
+    for index in range(len(batches)):
+        images, _, meta = to_model_inputs(batches[index])
+        yield images, meta
+
+
+@torch.no_grad()
+def score_on_split(
+    predict: Callable[[torch.Tensor], list[dict[str, torch.Tensor]]], shard_dir: Path, cfg: Any
+) -> dict[str, Any]:
+    """COCO metrics (pycocotools) and duplicate rate of ``predict`` over a shard split.
+
+    ``predict`` takes a (B, 3, S, S) batch in [0, 1] and returns per image
+    ``{"boxes" xyxy in input pixels, "scores", "labels" contiguous}``; every model is
+    scored by this same function, from the same letterboxed inputs.
+    """
+    from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
+    from anchorless.platform.shards import coco_ground_truth, read_manifest
+
+    manifest = read_manifest(shard_dir)
+    label_to_category = {int(c["label"]): int(c["coco_id"]) for c in manifest["categories"]}
+    detections, image_ids, scales = [], [], []
+    for images, meta in iter_eval_batches(shard_dir, cfg):
+        detections += [{k: v.float().cpu() for k, v in d.items()} for d in predict(images)]
+        image_ids += meta["image_id"].tolist()
+        scales += meta["scale"].tolist()
+    results = detections_to_coco_results(detections, image_ids, scales=scales, label_to_category_id=label_to_category)
+    summary = coco_eval(coco_ground_truth(shard_dir), results)
+    summary["duplicate_rate"] = duplicate_rate(detections)
+    return summary

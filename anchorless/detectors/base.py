@@ -166,3 +166,23 @@ class BaseDetector(nn.Module):
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # (N,)
             checked.append({"boxes": boxes[keep], "labels": labels[keep]})
         return checked
+
+
+class SingleMapDetector(BaseDetector):
+    """A backbone, a neck that fuses its last map into one (the stride-4 deconvolution
+    upsampler of CenterNet and OneNet), and one head on that map.
+
+    ``components`` names the classes; ``from_config`` wires them the same way for every
+    detector of this family.
+    """
+
+    stride = 4
+
+    @classmethod
+    def from_config(cls, num_classes: int, cfg: dict[str, dict[str, Any]]) -> "SingleMapDetector":
+        parts = cls.components
+        backbone = cls.make("backbone", parts["backbone"], parts["neck"].in_strides, **cfg["backbone"])
+        neck = cls.make("neck", parts["neck"], backbone.out_channels[-1], **cfg["neck"])
+        head = cls.make("head", parts["head"], neck.out_channels[0], num_classes, **cfg["head"])
+        rest = (cls.make(name, parts[name], **cfg[name]) for name in ("assigner", "loss", "postprocess"))
+        return cls(num_classes, backbone, neck, head, *rest)

@@ -17,7 +17,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from anchorless.detectors.assigners import CenterHeatmapTarget
 from anchorless.detectors.backbones import ResNetBackbone
-from anchorless.detectors.base import BaseDetector, Detections, reduce_normalizer
+from anchorless.detectors.base import Detections, SingleMapDetector, reduce_normalizer
 from anchorless.detectors.losses import GaussianFocalLoss, L1Loss
 from anchorless.detectors.necks import DeconvUpsampler
 from anchorless.detectors.postprocess import Postprocess, heatmap_peaks, topk_heatmap
@@ -85,7 +85,7 @@ class CenterNetLoss(nn.Module):
         self.offset_loss = L1Loss(weight=offset)
 
 
-class CenterNet(BaseDetector):
+class CenterNet(SingleMapDetector):
     """CenterNet: ResNet + deconvolution upsampler, Gaussian heatmap targets, peak decoding."""
 
     components = {
@@ -98,21 +98,6 @@ class CenterNet(BaseDetector):
     }
     # Official ResNet-18 CenterNet: BatchNorm, nothing frozen.
     defaults = {"backbone": {"depth": 18, "norm": "bn"}}
-    stride = 4
-
-    @classmethod
-    def from_config(cls, num_classes: int, cfg: dict[str, dict[str, Any]]) -> CenterNet:
-        backbone = cls.make("backbone", ResNetBackbone, DeconvUpsampler.in_strides, **cfg["backbone"])
-        neck = cls.make("neck", DeconvUpsampler, backbone.out_channels[-1], **cfg["neck"])
-        return cls(
-            num_classes,
-            backbone,
-            neck,
-            cls.make("head", CenterNetHead, neck.out_channels[0], num_classes, **cfg["head"]),
-            cls.make("assigner", CenterHeatmapTarget, **cfg["assigner"]),
-            cls.make("loss", CenterNetLoss, **cfg["loss"]),
-            cls.make("postprocess", Postprocess, **cfg["postprocess"]),
-        )
 
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
         heatmap_logits, size, offset = self.head(features[-1])

@@ -20,7 +20,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from anchorless.detectors.assigners import MinCostAssigner
 from anchorless.detectors.backbones import ResNetBackbone
-from anchorless.detectors.base import BaseDetector, Detections, grid_points, reduce_normalizer
+from anchorless.detectors.base import Detections, SingleMapDetector, grid_points, reduce_normalizer
 from anchorless.detectors.losses import FocalLoss, IoULoss, L1Loss
 from anchorless.detectors.necks import DeconvUpsampler
 from anchorless.detectors.postprocess import Postprocess, topk_dense
@@ -108,7 +108,7 @@ class OneNetLoss(nn.Module):
         self.giou_loss = IoULoss(weight=giou, kind="giou")
 
 
-class OneNet(BaseDetector):
+class OneNet(SingleMapDetector):
     """OneNet: ResNet + deconvolution upsampler, MinCostAssigner, NMS-free top-k."""
 
     components = {
@@ -121,21 +121,6 @@ class OneNet(BaseDetector):
     }
     # Official OneNet R18: BatchNorm, nothing frozen.
     defaults = {"backbone": {"depth": 18, "norm": "bn"}}
-    stride = 4
-
-    @classmethod
-    def from_config(cls, num_classes: int, cfg: dict[str, dict[str, Any]]) -> OneNet:
-        backbone = cls.make("backbone", ResNetBackbone, DeconvUpsampler.in_strides, **cfg["backbone"])
-        neck = cls.make("neck", DeconvUpsampler, backbone.out_channels[-1], **cfg["neck"])
-        return cls(
-            num_classes,
-            backbone,
-            neck,
-            cls.make("head", OneNetHead, neck.out_channels[0], num_classes, **cfg["head"]),
-            cls.make("assigner", MinCostAssigner, **cfg["assigner"]),
-            cls.make("loss", OneNetLoss, **cfg["loss"]),
-            cls.make("postprocess", Postprocess, **cfg["postprocess"]),
-        )
 
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
         heads = []

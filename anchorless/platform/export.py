@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from anchorless.platform.errors import AnchorlessError
+from anchorless.platform.files import atomic_path
 from anchorless.platform.tracking import TAG_MANIFEST_SHA256, manifest_checksum, mlflow_store, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -123,15 +124,8 @@ def export_checkpoint(
     path = Path(out_path)
     if path.is_dir():
         path = path / EXPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

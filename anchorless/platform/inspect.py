@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from anchorless.platform.errors import DataError
+from anchorless.platform.files import atomic_path
 from anchorless.platform.shards import METADATA_COLUMNS, iter_shard_tables, read_manifest, resolve_location
 
 COCO_SMALL, COCO_LARGE = 32**2, 96**2  # COCO's area thresholds, in pixels
@@ -159,10 +160,8 @@ def _draw_grid(shard_dir, manifest: dict[str, Any], rows: list[int], names: dict
     grid = Image.new("RGB", (columns * TILE, grid_rows * tile_h), (40, 40, 40))
     for index, tile in enumerate(tiles):
         grid.paste(tile, ((index % columns) * TILE, (index // columns) * tile_h))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, out_png)
+    with atomic_path(out_png) as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def _read_rows(shard_dir, manifest: dict[str, Any], rows: list[int]) -> list[dict[str, Any]]:

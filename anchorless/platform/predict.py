@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from anchorless.platform.errors import DataError
+from anchorless.platform.files import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -244,26 +244,10 @@ def _unique_name(path: Path, used: set[str]) -> str:
 def _save_image_atomic(image: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG" if path.suffix == ".png" else "JPEG", quality=90)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: str | os.PathLike[str], document: Any) -> None:
     """Write JSON under a temporary name beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(document, stream, indent=1)
-            stream.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(document, indent=1) + "\n")

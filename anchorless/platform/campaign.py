@@ -121,6 +121,43 @@ def to_tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {path: build[kind](args) for path, spec in space.items() for kind, args in spec.items()}
 
 
+def to_pbt_mutations(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """PBT's ``hyperparam_mutations``: what its explore step may do to each searched path.
+
+    ``choice``/``grid`` become plain lists, so explore moves to a neighbouring value (or
+    resamples); a Tune ``Categorical`` would instead be multiplied by 0.8 or 1.2, and a
+    ``grid_search`` dict is not a mutation PBT understands at all. Ranges stay Tune
+    domains: explore multiplies by 0.8 or 1.2, or resamples.
+    """
+    domains = to_tune_space({path: spec for path, spec in space.items() if next(iter(spec)) not in ("choice", "grid")})
+    return {path: list(spec[next(iter(spec))]) if path not in domains else domains[path] for path, spec in space.items()}
+
+
+class KeepInRange:
+    """PBT ``custom_explore_fn``: puts explored values back inside the searched ranges.
+
+    PBT multiplies a value by 0.8 or 1.2 with no bound; clipped to ``[low, high]`` (and
+    to the grid of ``quniform``, the integers of ``randint``) every trial config stays
+    one that :func:`load_campaign` type-checked at the range's edges.
+    A class rather than a closure so Tune can pickle the scheduler with the campaign state.
+    """
+
+    def __init__(self, space: dict[str, dict[str, Any]]) -> None:
+        self.ranges = {path: spec for path, spec in space.items() if next(iter(spec)) not in ("choice", "grid")}
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for path, spec in self.ranges.items():
+            if path not in config:
+                continue
+            kind, args = next(iter(spec.items()))
+            low, high = (args[0], args[1] - 1) if kind == "randint" else (args[0], args[1])
+            value = min(max(config[path], low), high)
+            if kind == "quniform":
+                value = min(max(round(value / args[2]) * args[2], low), high)
+            config[path] = int(round(value)) if kind == "randint" else value
+        return config
+
+
 def trial_config(base_raw: dict[str, Any], overrides: list[str], params: dict[str, Any], source: str) -> ExperimentConfig:
     """The resolved config of one trial: base, campaign overrides, then the sampled params."""
     sampled = [f"{path}={_yaml_scalar(value)}" for path, value in params.items()]

@@ -15,7 +15,8 @@ The driver side of training, in the order it happens:
 
 A run lives in ``<workspace>/runs/<run name>/``: Ray Train's checkpoints and state
 next to ``run.json`` (MLflow run id), ``config.yaml``, ``deepspeed_config.json``,
-``model.pt`` (the export) and ``summary.json``.
+``model.pt`` (the export) and ``summary.json``; a run started from another run's
+checkpoint (a PBT exploit) keeps its copy of that checkpoint under ``start/``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 EXPORT_FILE = "model.pt"
+START_DIR = "start"  # copies of other runs' checkpoints this run was started from
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate")
 # Test hook, once per run: "kill:RANK:STEP" kills that worker process before that optimizer
 # step; "nan:RANK:STEP:TERM" makes that loss term NaN there.
@@ -65,6 +67,7 @@ class RunPlan:
     deepspeed_config: dict[str, Any]
     resume_run_id: str | None = None
     finished_summary: dict[str, Any] | None = None
+    start_from: Path | None = None  # another run's checkpoint this run continues from
 
 
 # --- before Ray -----------------------------------------------------------------------------------
@@ -96,8 +99,13 @@ def _category_table(manifest: dict[str, Any]) -> list[tuple[int, int, str]]:
     return [(c["label"], c["coco_id"], c["name"]) for c in sorted(manifest["categories"], key=lambda c: c["label"])]
 
 
-def plan_run(cfg: ExperimentConfig, *, restart: bool = False) -> RunPlan:
-    """Every check that can fail before a worker starts, each with one clear message."""
+def plan_run(cfg: ExperimentConfig, *, restart: bool = False, start_from: str | os.PathLike[str] | None = None) -> RunPlan:
+    """Every check that can fail before a worker starts, each with one clear message.
+
+    With ``start_from`` (another run's checkpoint) this run's own checkpoints will be
+    discarded, so they are not checked against the config; the checkpoint must exist
+    and have the same ZeRO layout.
+    """
     from anchorless.platform.data import steps_per_epoch
     from anchorless.platform.errors import DataError
 
@@ -134,13 +142,15 @@ def plan_run(cfg: ExperimentConfig, *, restart: bool = False) -> RunPlan:
 
     run_dir = runs_root(cfg) / name
     resume_run_id = finished = None
+    source = _check_start_from(cfg, run_dir, start_from) if start_from is not None else None
     if restart and run_dir.exists():
         _remove_run_dir(run_dir)
     elif (run_dir / RUN_FILE).is_file():
         saved = json.loads((run_dir / RUN_FILE).read_text())
-        _check_resumable(cfg, run_dir, saved)
+        if source is None:
+            _check_resumable(cfg, run_dir, saved)
         resume_run_id = saved.get("run_id")
-        if (run_dir / SUMMARY_FILE).is_file():
+        if source is None and (run_dir / SUMMARY_FILE).is_file():
             summary = json.loads((run_dir / SUMMARY_FILE).read_text())
             # A finished run asked for more epochs continues; otherwise there is nothing to do.
             finished = summary if (summary.get("epoch") or 0) >= cfg.training.epochs else None
@@ -157,6 +167,7 @@ def plan_run(cfg: ExperimentConfig, *, restart: bool = False) -> RunPlan:
         deepspeed_config=ds_config,
         resume_run_id=resume_run_id,
         finished_summary=finished,
+        start_from=source,
     )
 
 
@@ -165,21 +176,87 @@ def _absolute(location: str) -> str:
     return location if "://" in location else str(Path(location).resolve())
 
 
+def _layout_problems(cfg: ExperimentConfig, before: dict[str, Any]) -> list[str]:
+    """How the optimizer state's layout in a checkpoint written under ``before`` differs from ``cfg``'s."""
+    problems = []
+    if cfg.training.zero_stage and before.get("training", {}).get("num_workers") != cfg.training.num_workers:
+        problems.append("training.num_workers (ZeRO partitions the optimizer state per worker)")
+    if before.get("training", {}).get("zero_stage") != cfg.training.zero_stage:
+        problems.append("training.zero_stage")
+    return problems
+
+
 def _check_resumable(cfg: ExperimentConfig, run_dir: Path, saved: dict[str, Any]) -> None:
     """Resuming loads the old weights and optimizer state: the model and their layout must match."""
     before = saved.get("config", {})
     problems = []
     if before.get("detector") != cfg.to_dict()["detector"]:
         problems.append("the detector section")
-    if cfg.training.zero_stage and before.get("training", {}).get("num_workers") != cfg.training.num_workers:
-        problems.append("training.num_workers (ZeRO partitions the optimizer state per worker)")
-    if before.get("training", {}).get("zero_stage") != cfg.training.zero_stage:
-        problems.append("training.zero_stage")
+    problems += _layout_problems(cfg, before)
     if problems:
         raise ConfigError(
             f"run {run_dir.name!r} exists ({run_dir}) with a different {' and '.join(problems)}; "
             "resume it with its own config, pick another run name, or pass --restart to start afresh"
         )
+
+
+def _check_start_from(cfg: ExperimentConfig, run_dir: Path, start_from: str | os.PathLike[str]) -> Path:
+    """The checkpoint another run wrote, checked; its weights must load into this config's model
+    (DeepSpeed refuses mismatched shapes itself) with the same optimizer-state layout."""
+    from anchorless.platform.engine import CHECKPOINT_SUBDIR
+
+    source = Path(start_from).resolve()
+    if not (source / CHECKPOINT_SUBDIR).is_dir() and not _start_copy(run_dir, source).is_dir():
+        raise TrainingError(
+            f"{source}: no training checkpoint to start run {run_dir.name!r} from (deleted by its own run's "
+            "training.checkpoint.keep_best, or not a checkpoint directory)"
+        )
+    if source.is_relative_to(run_dir):
+        raise ConfigError(f"{source}: a checkpoint of run {run_dir.name!r} itself; resume the run instead")
+    donor_record = source.parent / RUN_FILE
+    if donor_record.is_file():
+        problems = _layout_problems(cfg, json.loads(donor_record.read_text()).get("config", {}))
+        if problems:
+            raise ConfigError(f"{source}: written with a different {' and '.join(problems)} than run {run_dir.name!r}")
+    return source
+
+
+def _start_copy(run_dir: Path, source: Path) -> Path:
+    """Where this run keeps its copy of ``source``: named after the run and checkpoint it came from."""
+    return run_dir / START_DIR / f"{source.parent.name}.{source.name}"
+
+
+def _adopt_start_checkpoint(run_dir: Path, source: Path) -> Path:
+    """Copy ``source`` into ``run_dir/start/`` and discard the run's own training state.
+
+    The copy keeps the start point while the run that wrote it deletes old checkpoints
+    (``keep_best``), and makes this run self-contained. The old state must go, or Ray
+    Train would resume this run's own abandoned checkpoints; ``run.json`` (the MLflow
+    run) stays, and so does an earlier copy of the same start (a retried trial).
+    """
+    target = _start_copy(run_dir, source)
+    name = target.name
+    staged = None
+    if not target.is_dir():
+        # Copied beside the run first: nothing is discarded unless the copy is complete.
+        staged = run_dir.with_name(f".{run_dir.name}.{name}.{os.getpid()}.tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(source, staged)
+    if run_dir.exists():
+        doomed = run_dir.with_name(f".{run_dir.name}.discarding-{os.getpid()}")
+        os.replace(run_dir, doomed)
+        run_dir.mkdir()
+        if (doomed / RUN_FILE).is_file():
+            os.replace(doomed / RUN_FILE, run_dir / RUN_FILE)
+        if staged is None:
+            target.parent.mkdir(parents=True)
+            os.replace(doomed / START_DIR / name, target)
+        shutil.rmtree(doomed, ignore_errors=True)
+    if staged is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target)
+    log.info("run %r starts from %s (copied to %s)", run_dir.name, source, target)
+    return target
 
 
 def _remove_run_dir(run_dir: Path) -> None:
@@ -281,8 +358,14 @@ def build_trainer(
     tracking_uri: str,
     progress_queue: Any = None,
     callbacks: list[Any] | None = None,
+    start_checkpoint: Path | None = None,
 ) -> Any:
-    """The ``TorchTrainer`` for this run: workers, datasets, storage, failures, checkpoints."""
+    """The ``TorchTrainer`` for this run: workers, datasets, storage, failures, checkpoints.
+
+    ``start_checkpoint`` is where the workers start when the run has no checkpoint of
+    its own yet. Train V2 dropped ``resume_from_checkpoint``; its migration guide passes
+    the checkpoint in the loop config, which is what this does.
+    """
     import ray.train
     from ray.data import DataContext
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -311,6 +394,7 @@ def build_trainer(
         "label_to_category_id": [coco_id for _, coco_id, _ in _category_table(plan.manifest)],
         "progress_queue": progress_queue,
         "fault": _fault_from_env(plan.run_dir),
+        "start_checkpoint": str(start_checkpoint) if start_checkpoint else None,
         "quiet": not logging.getLogger("ray").isEnabledFor(logging.DEBUG),
     }
     return TorchTrainer(
@@ -361,6 +445,7 @@ def train(
     callbacks: list[Any] | None = None,
     parent_run_id: str | None = None,
     run_tags: dict[str, str] | None = None,
+    start_from: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``cfg`` on Ray and return the summary the CLI prints as its last line.
 
@@ -374,18 +459,26 @@ def train(
     Raises ConfigError / DataError / TrackingError before any worker starts, and
     TrainingError when training cannot finish.
 
-    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
-    ``parent_run_id`` and ``run_tags`` nest and tag a new MLflow run.
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes one that reports to Tune);
+    ``parent_run_id`` nests a new MLflow run and ``run_tags`` tag it (a resumed one too).
+
+    ``start_from`` is another run's checkpoint directory (a PBT donor's) to continue
+    from: its weights, optimizer moments, step and epoch, trained on with this config's
+    hyperparameters for the epochs left. It is copied into this run's directory and the
+    run's own checkpoints are discarded; the MLflow run stays the same.
     """
     started = time.monotonic()
-    plan = plan_run(cfg, restart=restart)
+    plan = plan_run(cfg, restart=restart, start_from=start_from)
     if plan.finished_summary is not None:
         log.info("run %r already finished (%s); pass restart=True (--restart) to train it again", plan.name, plan.run_dir)
         return plan.finished_summary
 
     from anchorless.platform.tracking import Tracker
 
+    start_checkpoint = _adopt_start_checkpoint(plan.run_dir, plan.start_from) if plan.start_from else None
     tracker = Tracker.start(cfg, resume_run_id=plan.resume_run_id, parent_run_id=parent_run_id, tags=run_tags)
+    if plan.resume_run_id and run_tags:
+        tracker.set_tags(run_tags)
     run_record = {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri, "name": plan.name, "config": cfg.to_dict()}
     _write_atomic(plan.run_dir / RUN_FILE, json.dumps(run_record, indent=2))
     _write_atomic(plan.run_dir / "config.yaml", cfg.to_yaml())
@@ -400,7 +493,7 @@ def train(
     try:
         if started_ray and not (address or os.environ.get("RAY_ADDRESS")):
             _check_cluster(cfg)  # a real cluster may autoscale to fit; a local Ray never will
-        result = _fit(cfg, plan, tracker, progress=progress, callbacks=callbacks)
+        result = _fit(cfg, plan, tracker, progress=progress, callbacks=callbacks, start_checkpoint=start_checkpoint)
         summary = _finish(cfg, plan, tracker, result, minutes=(time.monotonic() - started) / 60)
     except BaseException as exc:
         tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -414,14 +507,28 @@ def train(
     return summary
 
 
-def _fit(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, *, progress: bool, callbacks: list[Any] | None = None) -> Any:
+def _fit(
+    cfg: ExperimentConfig,
+    plan: RunPlan,
+    tracker: Any,
+    *,
+    progress: bool,
+    callbacks: list[Any] | None = None,
+    start_checkpoint: Path | None = None,
+) -> Any:
     from ray.train import TrainingFailedError
 
     from anchorless.platform.progress import ProgressDisplay, create_queue
 
     queue = create_queue()
     trainer = build_trainer(
-        cfg, plan, run_id=tracker.run_id, tracking_uri=tracker.tracking_uri, progress_queue=queue, callbacks=callbacks
+        cfg,
+        plan,
+        run_id=tracker.run_id,
+        tracking_uri=tracker.tracking_uri,
+        progress_queue=queue,
+        callbacks=callbacks,
+        start_checkpoint=start_checkpoint,
     )
     display = ProgressDisplay(queue, total_steps=plan.total_steps, epochs=cfg.training.epochs, enabled=progress)
     try:

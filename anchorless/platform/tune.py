@@ -2,8 +2,14 @@
 
 Each trial is one call of :func:`anchorless.platform.train.train` from a small
 Tune driver function (the Ray Train V2 pattern): the trial builds its own
-``TorchTrainer``, so a trial can use several workers and DeepSpeed, and a
-``TuneReportCallback`` hands every epoch's metrics back to Tune for the scheduler.
+``TorchTrainer``, so a trial can use several workers and DeepSpeed, and a Train
+callback hands every epoch's metrics back to Tune for the scheduler.
+
+With every checkpointed epoch Tune also gets a checkpoint of its own: a pointer
+(a small JSON file) to the Ray Train checkpoint, which stays in the trial's run
+directory. That is what PBT copies on exploit: the exploited trial starts a new
+``TorchTrainer`` from the donor's weights, optimizer moments and epoch, with its
+new hyperparameters, logging on into its own MLflow run.
 
 In MLflow a campaign is a parent run; each trial is a nested child run with its
 own params and metrics. At the end the parent gets the campaign summary (a table
@@ -20,10 +26,12 @@ import json
 import logging
 import math
 import os
+import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from anchorless.platform.campaign import Campaign, load_campaign, to_tune_space
+from anchorless.platform.campaign import Campaign, KeepInRange, load_campaign, to_pbt_mutations, to_tune_space
 from anchorless.platform.errors import AnchorlessError
 from anchorless.platform.files import write_atomic
 
@@ -33,6 +41,8 @@ CAMPAIGN_FILE = "campaign.json"
 TUNER_DIR = "tuner"
 TAG_CAMPAIGN = "anchorless.campaign"
 TAG_TRIAL = "anchorless.trial"
+TAG_EXPLOIT = "anchorless.pbt.exploit"  # + ".epochNNNN": which trial this one was cloned from, and its new params
+POINTER_FILE = "train_checkpoint.json"  # the whole content of a trial's Tune checkpoint
 
 
 class TuningError(AnchorlessError):
@@ -84,32 +94,199 @@ def _scheduler(campaign: Campaign) -> Any:
         return PopulationBasedTraining(
             time_attr="epoch",
             perturbation_interval=spec.scheduler.perturbation_interval,
-            hyperparam_mutations=to_tune_space(spec.search_space),
+            hyperparam_mutations=to_pbt_mutations(spec.search_space),
+            custom_explore_fn=KeepInRange(spec.search_space),
             quantile_fraction=spec.scheduler.quantile_fraction,
         )
     return FIFOScheduler()
 
 
+def write_pointer(directory: str | Path, *, checkpoint: str, run_name: str, trial_id: str, epoch: int, step: int) -> Path:
+    """Write the Tune checkpoint of one epoch: where that epoch's Ray Train checkpoint is, and whose it is."""
+    record = {"checkpoint": checkpoint, "run_name": run_name, "trial_id": trial_id, "epoch": epoch, "step": step}
+    return write_atomic(Path(directory) / POINTER_FILE, json.dumps(record, indent=2))
+
+
+def read_pointer(directory: str | Path) -> dict[str, Any]:
+    """The record :func:`write_pointer` wrote into ``directory``."""
+    path = Path(directory) / POINTER_FILE
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TuningError(f"{path}: not a trial checkpoint of this project ({exc})") from None
+    missing = {"checkpoint", "run_name", "trial_id", "epoch", "step"} - set(record)
+    if missing:
+        raise TuningError(f"{path}: trial checkpoint without {', '.join(sorted(missing))}")
+    return record
+
+
+def _report_to_trial(reports: Any) -> Any:
+    """A Ray Train callback (it runs in the Train controller) that puts each report on
+    ``reports``: rank 0's metrics, the path of the persisted checkpoint (or None), and
+    the controller's own handle, so that the trial can abort the run.
+
+    Ray's ``TuneReportCallback`` forwards metrics only, with no Tune checkpoint, so
+    PBT would have nothing to clone; this one lets the trial driver report both.
+    """
+    import ray
+    from ray.train import UserCallback
+
+    class ReportToTrial(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            # A queue of one: the controller waits while Tune digests the previous report,
+            # as with Ray's callback, so a scheduler's decision lands before training runs on.
+            path = checkpoint.path if checkpoint is not None else None
+            reports.put((dict(metrics[0]), path, ray.get_runtime_context().current_actor))
+
+    return ReportToTrial()
+
+
+class _RunningFit:
+    """The fit running in this trial process (one trial per actor): its report queue and,
+    once it has reported, its Train controller."""
+
+    reports: Any = None
+    controller: Any = None
+
+
+def _abort_training() -> None:
+    """Abort this trial's Train run, if one is running: its workers stop and their
+    placement group is freed, as Ray Train's own Ctrl-C handler does it.
+
+    Tune stops a trial (ASHA) or pauses it (PBT exploit) by ending its actor, and the
+    Train controller the actor owns goes with it, but not its workers' placement group:
+    Ray Train's detached cleaner finds dead controllers through the dashboard's state
+    API, which a local Ray started here runs without. The CPUs would stay taken until
+    the campaign ends and the next trial's data pipeline would wait for them forever.
+    """
+    import ray
+    from ray.util.queue import Empty
+
+    handle, reports = _RunningFit.controller, _RunningFit.reports
+    _RunningFit.controller = _RunningFit.reports = None
+    if handle is None:
+        return
+    try:  # a report waiting to be taken would hold the controller in its callback
+        while True:
+            reports.get_nowait()
+    except Empty:
+        pass
+    try:
+        # TrainController.abort is not public API; it is what Ray's SIGINT handler calls.
+        ray.get(handle.abort.remote(), timeout=120)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass  # the controller exits as it aborts (or was gone already)
+
+
+class _AbortTrainingOnStop:
+    """Mixin for the trial's Tune trainable (Tune's ``__mixins__`` hook): Tune calls
+    ``cleanup`` in the actor before it ends, so the Train run is aborted there."""
+
+    def cleanup(self) -> None:
+        try:
+            _abort_training()
+        finally:
+            super().cleanup()  # type: ignore[misc]
+
+
+def _fit_reporting_to_tune(
+    run_training: Callable[[list[Any]], dict[str, Any]], *, run_name: str, trial_id: str, only_checkpoints: bool
+) -> dict[str, Any]:
+    """Run ``run_training(callbacks)`` in a thread; report what it reports to Tune from this one.
+
+    ``tune.report`` must be called from the trial's own thread (Tune stops a trial by
+    raising ``SystemExit`` there), while ``TorchTrainer.fit`` blocks until training ends:
+    so the fit runs beside it and its reports come over a queue. With
+    ``only_checkpoints`` (PBT), reports without a checkpoint are not passed on: PBT
+    needs its metric and a checkpoint in every result it sees.
+    """
+    from ray import tune
+    from ray.util.queue import Empty, Queue
+
+    reports = _RunningFit.reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["summary"] = run_training([_report_to_trial(reports)])
+        except BaseException as exc:  # handed to the trial's thread below
+            outcome["error"] = exc
+
+    fitting = threading.Thread(target=fit, name="anchorless-trial-fit", daemon=True)
+    fitting.start()
+    while True:
+        try:
+            metrics, checkpoint_path, _RunningFit.controller = reports.get(timeout=1.0)
+        except Empty:
+            if fitting.is_alive():
+                continue
+            try:  # the fit is over; its last report may have come in since
+                metrics, checkpoint_path, _ = reports.get_nowait()
+            except Empty:
+                break
+        if checkpoint_path is None:
+            if not only_checkpoints:
+                tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory(prefix="anchorless-trial-checkpoint-") as pointer_dir:
+            write_pointer(
+                pointer_dir,
+                checkpoint=checkpoint_path,
+                run_name=run_name,
+                trial_id=trial_id,
+                epoch=int(metrics.get("epoch", 0)),
+                step=int(metrics.get("step", 0)),
+            )
+            tune.report({**metrics, "checkpoint_path": checkpoint_path}, checkpoint=tune.Checkpoint.from_directory(pointer_dir))
+    fitting.join()
+    _RunningFit.controller = _RunningFit.reports = None  # finished: nothing to abort
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["summary"]
+
+
 def _run_trial(params: dict[str, Any], campaign_path: str, campaign_overrides: list[str], parent_run_id: str) -> None:
-    """One Tune trial: the campaign's base config with ``params``, trained by ``train()``."""
+    """One Tune trial: the campaign's base config with ``params``, trained by ``train()``.
+
+    Started with a Tune checkpoint, the trial either resumes its own run (Tune restored
+    or un-paused it: ``train()`` picks up the run directory) or, when the checkpoint is
+    another trial's (a PBT exploit), starts from that trial's Train checkpoint.
+    """
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from anchorless.platform.train import train
 
     campaign = load_campaign(campaign_path, campaign_overrides)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = campaign.trial(params)
-    cfg.tracking.run_name = trial_run_name(campaign.spec.name, trial_id)
+    run_name = cfg.tracking.run_name = trial_run_name(campaign.spec.name, trial_id)
     # Trials log their model; only the campaign's best is registered.
     cfg.tracking.registered_model = None
-    train(
-        cfg,
-        progress=False,
-        callbacks=[TuneReportCallback()],
-        parent_run_id=parent_run_id,
-        run_tags={TAG_TRIAL: trial_id, TAG_CAMPAIGN: campaign.spec.name},
+    tags = {TAG_TRIAL: trial_id, TAG_CAMPAIGN: campaign.spec.name}
+    start_from = None
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as pointer_dir:
+            pointer = read_pointer(pointer_dir)
+        if pointer["run_name"] != run_name:
+            start_from = pointer["checkpoint"]
+            tags[f"{TAG_EXPLOIT}.epoch{pointer['epoch']:04d}"] = json.dumps(
+                {"donor_trial": pointer["trial_id"], "donor_run": pointer["run_name"], "step": pointer["step"], "params": params},
+                default=str,
+            )[:5000]
+            log.info("trial %s starts from trial %s's epoch %d with %s", trial_id, pointer["trial_id"], pointer["epoch"], params)
+
+    _fit_reporting_to_tune(
+        lambda callbacks: train(
+            cfg, progress=False, callbacks=callbacks, parent_run_id=parent_run_id, run_tags=tags, start_from=start_from
+        ),
+        run_name=run_name,
+        trial_id=trial_id,
+        only_checkpoints=campaign.spec.scheduler.kind == "pbt",
     )
+
+
+_run_trial.__mixins__ = (_AbortTrainingOnStop,)  # type: ignore[attr-defined]
 
 
 def _tuner(campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequence[str], restart: bool) -> Any:
@@ -242,7 +419,8 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
             **{f"param.{k}": v for k, v in (result.config or {}).items()},
         }
         rows.append(row)
-        if child and child.info.status == "RUNNING":  # stopped early by the scheduler
+        # Stopped early by the scheduler: left running, or failed as its Train run was aborted.
+        if child and (child.info.status == "RUNNING" or (child.info.status != "FINISHED" and not result.error)):
             client.set_tag(child.info.run_id, "anchorless.early_stopped", str(row["epochs"] is not None and row["epochs"] < campaign.base.training.epochs).lower())
             client.set_terminated(child.info.run_id, status="FINISHED" if not result.error else "FAILED")
     # Only trials that ran every epoch have a logged model to register.

@@ -5,12 +5,16 @@
 at each checkpoint epoch all ranks predict their part of the validation split, rank 0
 scores the gathered predictions with pycocotools, every rank writes its part of the
 DeepSpeed checkpoint and all report it to Ray Train. On a (re)start the latest
-reported checkpoint is loaded and training continues with the next epoch.
+reported checkpoint is loaded and training continues with the next epoch; a run
+started from another run's checkpoint (``plan["start_checkpoint"]``, a PBT exploit)
+loads that one until it has its own. Either way the hyperparameters are this run's
+config's, continued at the loaded step (:func:`load_keeping_hyperparameters`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -75,9 +79,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
+    started_elsewhere = checkpoint is None and plan.get("start_checkpoint") is not None
+    if started_elsewhere:
+        checkpoint = ray.train.Checkpoint(plan["start_checkpoint"])
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
-            saved = load_engine(engine, checkpoint_dir)
+            saved = load_keeping_hyperparameters(engine, scheduler, checkpoint_dir)
         state.epoch, state.nonfinite_steps = saved["epoch"], saved.get("nonfinite_steps", 0)
         state.train_seconds = saved.get("train_seconds", 0.0)
 
@@ -90,6 +97,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         tracker = Tracker.attach(cfg, plan["run_id"], plan["tracking_uri"])
         progress = ProgressSender(plan.get("progress_queue"))
         progress.send("start", epoch=state.epoch, step=engine.global_steps, resumed=checkpoint is not None)
+
+    if started_elsewhere and state.epoch >= training.epochs:
+        _report_as_result(checkpoint, rank, tracker)  # started from a final checkpoint: nothing left to train
+        return None
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -179,12 +190,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"checkpoint_epoch{state.epoch:04d}_step{engine.global_steps:07d}",
+                checkpoint_dir_name=_checkpoint_dir_name(state.epoch, engine.global_steps),
             )
         if out_of_time:
             if progress is not None:
                 progress.send("message", text=f"time budget of {training.time_budget_minutes:g} min spent at step {engine.global_steps}")
             break
+
+
+def load_keeping_hyperparameters(engine: Any, scheduler: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's weights, optimizer moments and step, keeping this run's hyperparameters.
+
+    DeepSpeed's ``load_checkpoint`` also restores the optimizer's param-group settings
+    (lr, weight decay, betas or momentum) and the LR schedule (base LRs, shape). After a
+    PBT exploit the checkpoint is another trial's and this config's values must win:
+    the schedule becomes this config's, continued at the loaded step. On a plain resume
+    the two agree. Returns the client state saved with the checkpoint.
+    """
+    optimizer = scheduler.optimizer  # the torch optimizer DeepSpeed steps (inside any ZeRO/bf16 wrapper)
+    own_groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    own_schedule = scheduler.state_dict()
+    # load_state_dict updates the schedule objects in place, so keep copies of this config's.
+    own_factors = [copy.copy(factor) for factor in scheduler.lr_lambdas]
+    saved = load_engine(engine, checkpoint_dir)
+    loaded = scheduler.state_dict()
+    step = loaded["last_epoch"]
+    lrs = [base * factor(step) for base, factor in zip(own_schedule["base_lrs"], own_factors)]
+    scheduler.load_state_dict(
+        {**own_schedule, "last_epoch": step, "_step_count": loaded["_step_count"], "_last_lr": lrs}
+    )
+    for group, own, lr in zip(optimizer.param_groups, own_groups, lrs):
+        group.update(own, lr=lr)
+    return saved
+
+
+def _report_as_result(checkpoint: ray.train.Checkpoint, rank: int, tracker: Any) -> None:
+    """Report the start checkpoint as this run's own, with the metrics it was saved with.
+
+    Every rank reports (Ray Train waits for all); rank 0 hands over the directory, which
+    holds every rank's part, and logs those metrics to this run's MLflow run, so that its
+    latest values describe the model it ends with.
+    """
+    state = json.loads((Path(checkpoint.path) / STATE_FILE).read_text())
+    if tracker is not None:
+        # Named as the epoch summary names them: epoch means apart from the per-step values.
+        per_step = {"images_per_s", "lr"}
+        metrics = {f"epoch_{k}" if k in per_step or k.startswith("loss") else k: v for k, v in state.get("metrics", {}).items()}
+        tracker.log_metrics(metrics, step=state["step"])
+    ray.train.report(
+        state.get("metrics", {}),
+        checkpoint=checkpoint if rank == 0 else None,
+        checkpoint_dir_name=_checkpoint_dir_name(state["epoch"], state["step"]),
+    )
+
+
+def _checkpoint_dir_name(epoch: int, step: int) -> str:
+    return f"checkpoint_epoch{epoch:04d}_step{step:07d}"
 
 
 def _timed(batches: Iterator[Any], state: LoopState) -> Iterator[Any]:

@@ -182,7 +182,7 @@ class SingleMapDetector(BaseDetector):
     def from_config(cls, num_classes: int, cfg: dict[str, dict[str, Any]]) -> "SingleMapDetector":
         parts = cls.components
         backbone = cls.make("backbone", parts["backbone"], parts["neck"].in_strides, **cfg["backbone"])
-        neck = cls.make("neck", parts["neck"], backbone.out_channels[-1], **cfg["neck"])
+        neck = cls.make("neck", parts["neck"], backbone.out_channels, **cfg["neck"])
         head = cls.make("head", parts["head"], neck.out_channels[0], num_classes, **cfg["head"])
         rest = (cls.make(name, parts[name], **cfg[name]) for name in ("assigner", "loss", "postprocess"))
         return cls(num_classes, backbone, neck, head, *rest)

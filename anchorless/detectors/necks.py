@@ -70,22 +70,37 @@ class DeconvUpsampler(nn.Module):
             default: the official "nodcn" configs are the plain-PyTorch variant, and
             deformable conv is several times slower on CPU.
         norm: "bn" (official) or "gn".
+        skips: add a 1x1 projection of C4, C3, C2 to the stage outputs at strides 16, 8
+            and 4 (off: the official necks upsample C5 alone). On small inputs C5 is a
+            few cells wide (4x4 at 128 px) and every location must be rebuilt from it;
+            the skips hand the head the backbone's own fine maps, as U-Net-style necks do.
     """
 
-    in_strides = (32,)
+    in_strides = (4, 8, 16, 32)  # C2..C5; only C5 is used unless `skips`
     out_strides = (4,)
 
     def __init__(
         self,
-        in_channels: int = 512,
+        in_channels: int | Sequence[int] = (64, 128, 256, 512),
         *,
         channels: Sequence[int] = (256, 128, 64),
         deform: bool = False,
         norm: Literal["bn", "gn"] = "bn",
+        skips: bool = False,
     ) -> None:
         super().__init__()
         if len(channels) != 3:
             raise ValueError(f"channels must have 3 entries (stride 32 -> 4), got {list(channels)}")
+        stage_inputs = [in_channels] if isinstance(in_channels, int) else list(in_channels)
+        if skips and len(stage_inputs) != 4:
+            raise ValueError(f"skips need the channels of C2..C5, got in_channels={in_channels}")
+        in_channels = stage_inputs[-1]
+        self.skips = None
+        if skips:  # C4, C3, C2 onto the outputs at strides 16, 8, 4
+            self.skips = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c, width, kernel_size=1, bias=False), _norm(norm, width))
+                for c, width in zip(reversed(stage_inputs[:3]), channels)
+            )
         layers: list[nn.Module] = []
         for width in channels:
             conv = (
@@ -101,7 +116,13 @@ class DeconvUpsampler(nn.Module):
         self.out_channels = [channels[-1]]
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.layers(features[-1])]
+        if self.skips is None:
+            return [self.layers(features[-1])]
+        x = features[-1]
+        stage_length = len(self.layers) // 3
+        for k, skip in enumerate(self.skips):
+            x = self.layers[k * stage_length : (k + 1) * stage_length](x) + skip(features[-2 - k])
+        return [x]
 
 
 class FPN(nn.Module):

@@ -32,6 +32,7 @@ from anchorless.platform.export import (
     model_from_export,
 )
 from anchorless.platform.predict import to_original_pixels, write_json_atomic
+from anchorless.platform.progress import quiet_driver_console
 from anchorless.platform.tracking import manifest_checksum
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ def evaluate(
     data_cfg = DataConfig.model_validate({**meta["config"]["data"], "train": None, "val": None})
     label_to_category = {int(c["label"]): int(c["coco_id"]) for c in meta["categories"]}
 
+    quiet_driver_console()  # Ray Data's execution plans; its progress bars stay
     own_ray = not ray.is_initialized()
     if own_ray:
         address = address or os.environ.get("RAY_ADDRESS") or "local"  # never a stray `ray start` cluster

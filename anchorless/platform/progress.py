@@ -46,6 +46,16 @@ def quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message=".*exclude_resources.*")
 
 
+def quiet_driver_console() -> None:
+    """Keep Ray Data's execution narration (INFO) off the driver's console; its log file
+    in the Ray session directory still gets everything."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger and its handlers
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
 def create_queue() -> Any:
     """The queue actor; no CPU reserved so it never competes with training workers."""
     from ray.util.queue import Queue

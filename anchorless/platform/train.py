@@ -286,9 +286,12 @@ def connect_ray(address: str | None, cfg: ExperimentConfig, *, verbose: bool = F
     """
     import ray
 
+    from anchorless.platform.progress import QUIET_WORKER_ENV, quiet_driver_console
+
+    if not verbose:
+        quiet_driver_console()
     if ray.is_initialized():
         return False
-    from anchorless.platform.progress import QUIET_WORKER_ENV
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     output = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}

@@ -19,6 +19,11 @@ mode: max
 Every searched path must exist in the resolved base config, and every value a
 distribution can produce is validated against the config schema before any trial
 starts, so a typo never costs a cluster-hour.
+
+With ``scheduler: {kind: pbt, perturbation_interval: N, quantile_fraction: F}`` the
+trials are a population: every N checkpointed epochs the bottom fraction F continues
+from a copy of a top trial's checkpoint, with that trial's hyperparameters perturbed
+(:func:`to_pbt_mutations`) and kept inside the searched ranges (:class:`KeepInRange`).
 """
 
 from __future__ import annotations

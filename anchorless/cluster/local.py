@@ -397,8 +397,11 @@ def cluster_up(
         ray_port: GCS port; free port when None (never assumes 6379 is free).
         dashboard_port: dashboard and job-server port; free port when None.
         mlflow_port: tracking-server port; free port when None.
-        num_cpus, num_gpus, object_store_memory: passed to ``ray start``;
-            None lets Ray detect them.
+        num_cpus: logical CPUs of the head; None = this machine's cores + 1, so
+            that Ray Data's decode tasks (1 CPU each) fit beside training workers
+            that take every core (as the embedded default does, see ``connect_ray``).
+        num_gpus, object_store_memory: passed to ``ray start``; None lets Ray
+            detect them.
         timeout: seconds to wait for all services to answer.
 
     Returns:
@@ -476,8 +479,9 @@ def _start(
         "--min-worker-port=0", "--max-worker-port=0",
     ]  # fmt: skip
     ray_cmd += [f"--{flag}={ports[flag]}" for flag in _RAY_PORT_FLAGS]
-    if num_cpus is not None:
-        ray_cmd.append(f"--num-cpus={num_cpus}")
+    if num_cpus is None:
+        num_cpus = (os.cpu_count() or 1) + 1
+    ray_cmd.append(f"--num-cpus={num_cpus}")
     if num_gpus is not None:
         ray_cmd.append(f"--num-gpus={num_gpus}")
     if object_store_memory is not None:

@@ -121,18 +121,12 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
     if args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return resolve_tracking_uri(args.tracking_uri, args.workspace)
-    from anchorless.cluster.local import read_state
+    from anchorless.cluster.local import default_state_dir, read_state
 
-    state = read_state(args.cluster_dir) if args.cluster_dir or _default_cluster_state_exists() else None
+    state = read_state(args.cluster_dir or default_state_dir())
     if state and state.get("mlflow_tracking_uri"):
         return state["mlflow_tracking_uri"]
     return resolve_tracking_uri(None, args.workspace)
-
-
-def _default_cluster_state_exists() -> bool:
-    from anchorless.cluster.local import default_state_dir, state_path
-
-    return state_path(default_state_dir()).exists()
 
 
 def _registry_client(args: argparse.Namespace):
@@ -241,9 +235,24 @@ def _cluster_template(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit_options_among_job_args(args: argparse.Namespace) -> None:
+    """``submit tune x.yaml --follow``: submit's own options may also follow the command's
+    arguments (argparse hands everything after KIND to the job). A job never needs an
+    ``--address`` of its own: it runs on the cluster it was submitted to."""
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    own.add_argument("--follow", action="store_true")
+    own.add_argument("--address", default=None)
+    own.add_argument("--cluster-dir", default=None)
+    found, args.args = own.parse_known_args(args.args)
+    args.follow = args.follow or found.follow
+    args.address = found.address or args.address
+    args.cluster_dir = found.cluster_dir or args.cluster_dir
+
+
 def _submit(args: argparse.Namespace) -> int:
     from anchorless.jobs.submit import job_logs, job_status, submit
 
+    _submit_options_among_job_args(args)
     job_id = submit(args.kind, args.args, address=args.address, state_dir=args.cluster_dir)
     print(job_id, flush=True)
     if args.follow:
@@ -442,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up = cluster.add_parser("up", help="start a Ray head (token auth) and an MLflow server on this machine")
     up.add_argument("--local", action="store_true", required=True, help="on this machine (the only kind started from here)")
-    up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: detected)")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: cores + 1, so data tasks fit beside training workers)")
     for sub, text in ((up, None), (cluster.add_parser("status", help="is each service up?"), _cluster_status), (cluster.add_parser("down", help="stop the local cluster"), _cluster_down)):
         sub.add_argument("--cluster-dir", default=None, help="cluster state directory (default $ANCHORLESS_CLUSTER_DIR or workspace/cluster)")
         sub.set_defaults(run=text or _cluster_up)
@@ -453,7 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     template.add_argument("--out", default=None, help="output YAML path")
     template.set_defaults(run=_cluster_template)
 
-    submit = verbs.add_parser("submit", help="submit train/tune/evaluate to a Ray cluster as a job")
+    submit = verbs.add_parser(
+        "submit",
+        help="submit train/tune/evaluate to a Ray cluster as a job",
+        description="Runs `anchorless KIND ARGS...` as a Ray job. submit's own options may come before KIND "
+        "or after the command's arguments: `anchorless submit tune campaign.yaml --follow`.",
+    )
     submit.add_argument("kind", choices=("train", "tune", "evaluate"))
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     submit.add_argument("--address", default=None, help="job server (default $RAY_ADDRESS or the local cluster)")
@@ -482,6 +496,19 @@ def _configure_logging(verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def _enter_job_directory() -> None:
+    """In a job on the local cluster, work where it was submitted from (see anchorless.jobs.submit)."""
+    from anchorless.jobs.submit import JOB_CWD_ENV, JobError
+
+    directory = os.environ.get(JOB_CWD_ENV)
+    if not directory:
+        return
+    try:
+        os.chdir(directory)
+    except OSError as exc:
+        raise JobError(f"${JOB_CWD_ENV}={directory}: cannot work there ({exc.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from anchorless.platform.errors import AnchorlessError
 
@@ -489,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
+        _enter_job_directory()
         return run(args)
     except AnchorlessError as exc:
         print(f"error: {exc}", file=sys.stderr)

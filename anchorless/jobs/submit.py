@@ -19,6 +19,12 @@ caches. No ``pip``/``py_modules``: the cluster is expected to run the same
 environment (the local cluster runs this venv; cluster images install the
 project), and the uploaded copy of ``anchorless`` shadows the installed one
 because the job runs from the working directory.
+
+Paths: on the local cluster (this machine) a job works in the directory it was
+submitted from (``$ANCHORLESS_JOB_CWD``, which the job's ``anchorless`` command
+changes to), so relative paths in configs and arguments (``workspace/...``) mean
+what they mean in the shell. On other clusters paths must be visible there
+(``s3://...``, a shared file system, or files inside the uploaded project).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ DEFAULT_EXCLUDES = (
 # (runtime-env variables are visible in the dashboard, and the cluster has its own token).
 PASSTHROUGH_PREFIXES = ("ANCHORLESS_", "MLFLOW_")
 _HIDDEN_FROM_JOBS = ("ANCHORLESS_CLUSTER_ID", "ANCHORLESS_CLUSTER_DIR")
+# Set for jobs on the local cluster: the directory `anchorless` changes to in the job.
+JOB_CWD_ENV = "ANCHORLESS_JOB_CWD"
 
 
 class JobError(AnchorlessError):
@@ -212,7 +220,8 @@ def build_runtime_env(
     """The job's runtime environment: the project as working_dir, and its environment variables.
 
     ``MLFLOW_TRACKING_URI`` is, in order: ``env_vars``, the local cluster's
-    tracking server, this shell's ``$MLFLOW_TRACKING_URI``.
+    tracking server, this shell's ``$MLFLOW_TRACKING_URI``. For the local cluster
+    ``$ANCHORLESS_JOB_CWD`` is this process's working directory (see the module docstring).
     """
     working_dir = Path(working_dir).resolve()
     if not working_dir.is_dir():
@@ -224,6 +233,8 @@ def build_runtime_env(
     }
     if target is not None and target.mlflow_tracking_uri:
         variables["MLFLOW_TRACKING_URI"] = target.mlflow_tracking_uri
+    if target is not None and target.state is not None:  # the local cluster: same machine, same files
+        variables[JOB_CWD_ENV] = os.getcwd()
     variables.update(env_vars or {})
     return {"working_dir": str(working_dir), "excludes": list(excludes), "env_vars": variables}
 

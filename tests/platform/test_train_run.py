@@ -26,16 +26,9 @@ LEARNING_FACTOR = 1.3
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> dict[str, Path]:
+def shards(synthetic_shards) -> dict[str, Path]:
     """Synthetic shapes at 64 px: 72 train and 18 validation images."""
-    from anchorless.platform.shards import write_shards
-    from anchorless.platform.synth import generate_synthetic_coco
-
-    root = tmp_path_factory.mktemp("train-run")
-    files = generate_synthetic_coco(root / "synth", num_images=90, size=64, seed=0, progress=False)
-    for split, annotations in files.items():
-        write_shards(annotations, root / "synth" / "images", root / "shards" / split, progress=False)
-    return {split: root / "shards" / split for split in files}
+    return synthetic_shards(num_images=90, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -43,32 +36,15 @@ def workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("workspace")
 
 
-def _cfg(workspace: Path, shards: dict[str, Path], name: str, **training):
-    return build_config(
-        {
-            "name": name,
-            "workspace": str(workspace),
-            "data": {
-                "train": str(shards["train"]),
-                "val": str(shards["val"]),
-                "image_size": 64,
-                "batch_size": 4,
-                "augment": {"enabled": False},
-            },
-            "detector": {"name": "onenet", "num_classes": 3, "neck": {"channels": [32, 32, 32]}},
-            "training": {
-                "epochs": EPOCHS,
-                "num_workers": 2,
-                "zero_stage": 1,  # each rank then writes its own optimizer partition
-                "optimizer": {"lr": 2e-3},
-                "schedule": {"warmup_steps": 3},
-                "max_failures": 1,
-                "log_every_steps": 1,
-                **training,
-            },
-            "tracking": {"experiment": "train-tests"},
-        }
-    )
+@pytest.fixture(scope="module")
+def make_cfg(tiny_config, workspace, shards):
+    """``make_cfg(name, **training)``: two ZeRO-1 workers, EPOCHS epochs, one restart allowed."""
+
+    def make(name: str, **training):
+        raw = tiny_config(workspace, shards, name, tracking={"experiment": "train-tests"}, epochs=EPOCHS, **training)
+        return build_config(raw)
+
+    return make
 
 
 def _history(summary: dict, key: str) -> list[float]:
@@ -85,9 +61,9 @@ def _no_outside_tracking(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, workspace, shards):
+def reference(ray_local, make_cfg):
     """The uninterrupted run; in skip mode, with one NaN step on rank 1 (skipped and counted)."""
-    cfg = _cfg(workspace, shards, "reference", on_nonfinite="skip")
+    cfg = make_cfg("reference", on_nonfinite="skip")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(FAULT_ENV, "nan:1:3:loss_cls")
         return cfg, plan_run(cfg), train(cfg, progress=False)
@@ -119,10 +95,10 @@ def test_two_workers_learn_report_coco_metrics_and_every_rank_writes_its_checkpo
 
 
 def test_a_nan_stop_keeps_the_last_checkpoint_and_the_rerun_resumes_it_surviving_a_killed_worker(
-    reference, workspace, shards, monkeypatch
+    reference, make_cfg, monkeypatch
 ):
     _, _, expected = reference
-    cfg = _cfg(workspace, shards, "interrupted")
+    cfg = make_cfg("interrupted")
     plan = plan_run(cfg)
     spe = plan.steps_per_epoch
 

@@ -1,0 +1,72 @@
+"""Fixtures shared across test packages: tiny synthetic data sets and a config that trains on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+TINY_IMAGE_SIZE = 64  # pixels: a training step takes a fraction of a second on a CPU
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Callable[..., dict[str, Path]]:
+    """``synthetic_shards(num_images=90, seed=0)`` -> ``{"train": dir, "val": dir}``.
+
+    Synthetic shapes (3 classes) at 64 px, generated and sharded once per session for
+    each ``(num_images, seed)``; 80 % of the images are the train split.
+    """
+    from anchorless.platform.shards import write_shards
+    from anchorless.platform.synth import generate_synthetic_coco
+
+    made: dict[tuple[int, int], dict[str, Path]] = {}
+
+    def make(num_images: int = 90, seed: int = 0) -> dict[str, Path]:
+        if (num_images, seed) not in made:
+            root = tmp_path_factory.mktemp(f"shapes-{num_images}-{seed}")
+            files = generate_synthetic_coco(root / "synth", num_images=num_images, size=TINY_IMAGE_SIZE, seed=seed, progress=False)
+            for split, annotations in files.items():
+                write_shards(annotations, root / "synth" / "images", root / "shards" / split, progress=False)
+            made[num_images, seed] = {split: root / "shards" / split for split in files}
+        return made[num_images, seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., dict[str, Any]]:
+    """``tiny_config(workspace, shards, name, tracking={...}, **training)`` -> a raw config dict.
+
+    OneNet with a narrow neck on the 64 px shapes of ``synthetic_shards``: two DeepSpeed
+    workers (ZeRO-1, so each rank writes its own optimizer partition), two epochs, every
+    step logged. ``training`` keys replace the defaults; ``tracking`` is merged into
+    ``{"experiment": "tests"}``. Pass the dict to ``build_config`` or write it as YAML.
+    """
+
+    def make(workspace: Path, shards: dict[str, Path], name: str, *, tracking: dict[str, Any] | None = None, **training: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "workspace": str(workspace),
+            "data": {
+                "train": str(shards["train"]),
+                "val": str(shards["val"]),
+                "image_size": TINY_IMAGE_SIZE,
+                "batch_size": 4,
+                "augment": {"enabled": False},
+            },
+            "detector": {"name": "onenet", "num_classes": 3, "neck": {"channels": [32, 32, 32]}},
+            "training": {
+                "epochs": 2,
+                "num_workers": 2,
+                "zero_stage": 1,
+                "optimizer": {"lr": 2e-3},
+                "schedule": {"warmup_steps": 3},
+                "max_failures": 1,
+                "log_every_steps": 1,
+                **training,
+            },
+            "tracking": {"experiment": "tests", **(tracking or {})},
+        }
+
+    return make

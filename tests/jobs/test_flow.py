@@ -1,0 +1,252 @@
+"""The campaign -> registry -> cluster flow of the README, end to end with the real command line.
+
+Every step is `python -m anchorless.jobs.cli ...` in a subprocess working in a scratch
+directory, the way a user types it: a local cluster comes up (token auth, MLflow
+server), a two-trial campaign runs to completion as a Ray job and registers its best
+model in the cluster's registry, that version is promoted to champion with a gate table,
+a weaker version trained by a second job is refused with the reason printed, and the
+cluster goes down leaving nothing behind. The commands find the cluster through its
+state file (``$ANCHORLESS_CLUSTER_DIR``), as the README's do.
+
+Sizes: 64 px shapes, one Ray Train worker per trial, 6 epochs of 8 steps. Promotion is
+gated on the training shards: a few dozen steps at 64 px start to memorise the training
+images (AP ~0.01) but do not yet generalise (validation AP is noise-level, ~0.001), and the
+test needs a champion that is clearly better than a barely trained model (AP < 0.001).
+About ten minutes on a busy two-core machine, half of it the campaign's two trials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+
+from anchorless.cluster import local
+from anchorless.jobs.cli import _submit_options_among_job_args, build_parser
+
+MODEL = "flow-shapes"
+EPOCHS = 6  # x 8 steps of 4 images: enough for the champion to start memorising the training shards
+
+
+def test_submit_options_may_follow_the_commands_arguments():
+    args = build_parser().parse_args(["submit", "tune", "campaign.yaml", "num_samples=2", "--follow", "--restart"])
+    _submit_options_among_job_args(args)
+    assert (args.args, args.follow, args.address) == (["campaign.yaml", "num_samples=2", "--restart"], True, None)
+    args = build_parser().parse_args(["submit", "--follow", "train", "c.yaml", "--address=http://head:8265"])
+    _submit_options_among_job_args(args)
+    assert (args.args, args.follow, args.address) == (["c.yaml"], True, "http://head:8265")
+
+
+def test_models_commands_find_the_local_clusters_mlflow_through_its_state_file(tmp_path, monkeypatch):
+    from anchorless.jobs.cli import _tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(local.STATE_DIR_ENV, str(tmp_path))
+    args = build_parser().parse_args(["models", "list", "--workspace", str(tmp_path / "workspace")])
+    assert _tracking_uri(args).startswith("sqlite:///")  # no cluster: the workspace's store
+    local.write_state(tmp_path, {"version": local.STATE_VERSION, "mlflow_tracking_uri": "http://127.0.0.1:41002"})
+    assert _tracking_uri(args) == "http://127.0.0.1:41002"
+
+
+# --------------------------------------------------------------------------- slow
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, synthetic_shards, tiny_config) -> Path:
+    """The user's directory: a base config and a campaign, with the shards under ``shards/``.
+
+    The base config's paths are relative, as in the project's configs: the jobs must work
+    in this directory. The campaign gives its trials absolute paths, because Ray Tune runs
+    each trial in a directory of its own.
+    """
+    work = tmp_path_factory.mktemp("flow-user")
+    shards = synthetic_shards(num_images=40, seed=1)  # 32 train, 8 validation
+    (work / "shards").mkdir()
+    for split, path in shards.items():
+        (work / "shards" / split).symlink_to(path)
+    base = tiny_config(
+        Path("workspace"),
+        {split: Path("shards") / split for split in shards},
+        "flow-base",
+        tracking={"experiment": "flow", "registered_model": MODEL},
+        epochs=EPOCHS,
+        num_workers=1,
+        zero_stage=0,
+        optimizer={"lr": 3e-3},
+        schedule={"warmup_steps": 2},
+        checkpoint={"every_epochs": EPOCHS},  # only the last: no time spent saving the others
+        log_every_steps=8,
+    )
+    (work / "base.yaml").write_text(yaml.safe_dump(base))
+    campaign = {
+        "name": "flow-campaign",
+        "base": "base.yaml",
+        "overrides": [
+            f"workspace={work / 'workspace'}",
+            f"data.train={work / 'shards' / 'train'}",
+            f"data.val={work / 'shards' / 'val'}",
+        ],
+        "search_space": {"detector.assigner.cost_giou": {"grid": [1.0, 3.0]}},
+        "search": {"algorithm": "grid"},
+        "scheduler": {"kind": "fifo"},
+        "num_samples": 1,
+        "metric": "AP",
+        "mode": "max",
+    }
+    (work / "campaign.yaml").write_text(yaml.safe_dump(campaign))
+    return work
+
+
+@pytest.fixture(scope="module")
+def user_env(tmp_path_factory) -> dict[str, str]:
+    """A shell with no Ray or MLflow settings of its own; the cluster state in a scratch dir."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("RAY_", "MLFLOW_", "ANCHORLESS_"))
+    }
+    env[local.STATE_DIR_ENV] = str(tmp_path_factory.mktemp("flow-cluster"))
+    # A Ray started by a command (promote evaluates on a local Ray) keeps to its own temp
+    # dir, where no other test's `ray.init()` would find it. Short: socket paths <= 107 bytes.
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="anl-flow-")
+    return env
+
+
+@pytest.fixture(scope="module")
+def stop_cluster_afterwards(user_env):
+    yield
+    local.cluster_down(user_env[local.STATE_DIR_ENV])  # a no-op when the test brought it down
+
+
+def anchorless(*args: str, cwd: Path, env: dict[str, str], timeout: float, expect: int = 0) -> str:
+    """Run `anchorless ARGS` as a user would; its stdout, after checking the exit code."""
+    done = subprocess.run(
+        [sys.executable, "-m", "anchorless.jobs.cli", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == expect, (
+        f"`anchorless {' '.join(args)}` exited {done.returncode}, expected {expect}\n"
+        f"--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}"
+    )
+    return done.stdout
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def _gate_table(text: str) -> tuple[list[str], dict[str, list[str]], str]:
+    """The promotion table: its header, its rows by metric, and its verdict line."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("metric "))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    assert set(lines[start + 1].replace(" ", "")) == {"-"}
+    rows = {}
+    for line in lines[start + 2 :]:
+        if line.startswith(("PROMOTED", "REFUSED")):
+            return header, rows, line
+        cells = re.split(r"\s{2,}", line.strip())
+        rows[cells[0]] = cells
+    raise AssertionError(f"no verdict line after the gate table:\n{text}")
+
+
+@pytest.mark.slow
+def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_version_is_refused(
+    scratch, user_env, stop_cluster_afterwards
+):
+    from mlflow import MlflowClient
+
+    took: list[tuple[str, float]] = []  # printed at the end: where the minutes go
+
+    def run(*args: str, timeout: float = 180, expect: int = 0) -> str:
+        started = time.monotonic()
+        out = anchorless(*args, cwd=scratch, env=user_env, timeout=timeout, expect=expect)
+        took.append((" ".join(args[:2]), time.monotonic() - started))
+        return out
+
+    # 1. A local cluster: Ray head with token auth, job server, MLflow server.
+    out = run("cluster", "up", "--local")
+    assert out.startswith("cluster started")
+    state = local.read_state(user_env[local.STATE_DIR_ENV])
+    assert state["auth_mode"] == "token" and Path(state["token_file"]).stat().st_mode & 0o777 == 0o600
+    registry = MlflowClient(state["mlflow_tracking_uri"], registry_uri=state["mlflow_tracking_uri"])
+
+    # 2. The campaign as a Ray job, followed to its end (`--follow` after the job's arguments).
+    out = run("submit", "tune", "campaign.yaml", "--follow", timeout=600)
+    job_id = out.splitlines()[0]
+    assert out.rstrip().endswith(f"job {job_id}: SUCCEEDED"), out[-3000:]
+    summary = next(line for line in _json_lines(out) if "campaign" in line)
+    assert (summary["campaign"], summary["trials"], summary["completed"]) == ("flow-campaign", 2, 2)
+    assert summary["tracking_uri"] == state["mlflow_tracking_uri"]  # the job logged to the cluster's MLflow
+    assert summary["model_uri"] == f"models:/{MODEL}/1"
+
+    status = json.loads(run("jobs", "status", job_id))
+    assert (status["status"], status["kind"]) == ("SUCCEEDED", "tune")
+    assert summary in _json_lines(run("jobs", "logs", job_id))
+    assert re.search(rf"^{job_id}\s+SUCCEEDED\s+tune\s", run("jobs", "list"), re.MULTILINE)
+
+    # 3. The best trial's model is version 1 in the cluster's registry, not yet champion.
+    version = registry.get_model_version(MODEL, "1")
+    assert version.run_id == summary["best_run_id"]
+    listing = run("models", "list", MODEL)
+    assert re.search(rf"^{MODEL}\s+1\s+-\s", listing, re.MULTILINE), listing
+
+    # 4. A weaker version: one epoch at a learning rate of ~0, trained by a second job from
+    #    the relative paths of base.yaml while version 1 is promoted.
+    weak_job = run("submit", "train", "base.yaml", "name=flow-weak", "training.epochs=1", "training.optimizer.lr=1e-7")
+    weak_job = weak_job.strip()
+
+    # 5. Version 1 becomes champion: no champion yet, so only the gate metric is shown.
+    out = run("models", "promote", MODEL, "1", "--to", "champion", "--data", "shards/train", timeout=300)
+    decision = _json_lines(out)[-1]
+    champion_ap = f"{decision['candidate_metrics']['AP']:.4f}"
+    header, rows, verdict = _gate_table(out)
+    assert header == ["metric", "rule", "candidate v1", "champion", "verdict"]
+    assert rows == {"AP": ["AP", "gate", champion_ap, "-", "pass"]}
+    assert verdict == "PROMOTED: no champion yet"
+    assert decision["promoted"] is True and decision["champion"] is None
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"
+
+    # 6. The weak job registered version 2; it does not beat the champion and is refused.
+    run("jobs", "logs", weak_job, "--follow", timeout=300)
+    assert json.loads(run("jobs", "status", weak_job))["status"] == "SUCCEEDED"
+    assert registry.get_run(registry.get_model_version(MODEL, "2").run_id).info.run_name == "flow-weak"
+    out = run("models", "promote", MODEL, "2", "--to", "champion", "--data", "shards/train", timeout=300, expect=1)
+    decision = _json_lines(out)[-1]
+    weak_ap = f"{decision['candidate_metrics']['AP']:.4f}"
+    header, rows, verdict = _gate_table(out)
+    assert header == ["metric", "rule", "candidate v2", "champion v1", "verdict"]
+    # The champion's scores on these shards are its own from step 5 (kept on the version).
+    assert rows["AP"] == ["AP", "> champion + 0", weak_ap, champion_ap, "FAIL"]
+    assert set(rows) == {"AP", "AP50", "duplicate_rate", "latency_ms"}
+    assert float(weak_ap) < float(champion_ap) / 5, (weak_ap, champion_ap)
+    assert verdict.startswith(f"REFUSED: AP {weak_ap} does not beat champion {champion_ap} by > 0")
+    assert decision["promoted"] is False and decision["champion"] == "1"
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"  # unchanged
+    assert registry.get_model_version(MODEL, "2").tags["promotion.champion.decision"] == "refused"
+
+    # 7. Down: no process of the cluster left, no state file.
+    assert run("cluster", "down").strip() == "stopped: ray, mlflow"
+    assert not local.state_path(user_env[local.STATE_DIR_ENV]).exists()
+    assert local._cluster_processes(state["cluster_id"]) == []
+    assert not any(psutil.pid_exists(pid) for pid in state["pids"].values())
+    run("cluster", "status", expect=1)
+    print(f"AP on the training shards: champion {champion_ap}, weak {weak_ap}")
+    print("seconds per command: " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in took))

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 import pytest
@@ -108,7 +109,7 @@ def scratch(tmp_path_factory, synthetic_shards, tiny_config) -> Path:
 
 
 @pytest.fixture(scope="module")
-def user_env(tmp_path_factory) -> dict[str, str]:
+def user_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A shell with no Ray or MLflow settings of its own; the cluster state in a scratch dir."""
     env = {
         name: value
@@ -119,7 +120,8 @@ def user_env(tmp_path_factory) -> dict[str, str]:
     # A Ray started by a command (promote evaluates on a local Ray) keeps to its own temp
     # dir, where no other test's `ray.init()` would find it. Short: socket paths <= 107 bytes.
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="anl-flow-")
-    return env
+    yield env
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

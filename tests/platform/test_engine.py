@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ from anchorless.platform.engine import (
     model_state_dict,
     save_engine,
 )
+
+from .conftest import tiny_model
 
 
 def test_deepspeed_config_carries_batch_accumulation_clipping_zero_and_fp32_on_cpu():
@@ -86,31 +87,13 @@ def test_lr_scheduler_factory_gives_a_lambda_lr_that_scales_the_optimizer_lr():
     assert lrs == pytest.approx([0.25, 0.375, 0.5, 0.5, 0.5, 0.05, 0.05])
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group, as Ray Train sets one up on each worker (DeepSpeed caches it: one per module)."""
-    import torch.distributed as dist
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def _tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-
-
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(process_group, tmp_path, monkeypatch, zero_stage):
     for key, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)  # what Ray Train sets on a worker
     training = TrainingConfig(zero_stage=zero_stage, schedule={"kind": "cosine", "warmup_steps": 3})
     ds = deepspeed_config(training, batch_size=2, world_size=1)
-    engine, scheduler = build_engine(_tiny_model(), ds, training.schedule, total_steps=20)
+    engine, scheduler = build_engine(tiny_model(), ds, training.schedule, total_steps=20)
     assert engine.enable_backward_allreduce == (zero_stage > 0)  # one worker, ZeRO 0: no all-reduce with itself
     inputs = torch.randn(2, 4)
     for _ in range(5):
@@ -120,7 +103,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(process_g
     weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
     lr_before = scheduler.get_last_lr()[0]
 
-    fresh, fresh_scheduler = build_engine(_tiny_model(), ds, training.schedule, total_steps=20)
+    fresh, fresh_scheduler = build_engine(tiny_model(), ds, training.schedule, total_steps=20)
     client_state = load_engine(fresh, tmp_path)
     assert client_state["epoch"] == 3
     assert fresh.global_steps == 5

@@ -21,36 +21,18 @@ def _no_outside_tracking(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
-def test_a_budgeted_run_stops_early_evaluates_and_checkpoints_what_it_has(tmp_path):
-    from anchorless.platform.shards import write_shards
-    from anchorless.platform.synth import generate_synthetic_coco
-
-    files = generate_synthetic_coco(tmp_path / "synth", num_images=40, size=64, seed=3, progress=False)
-    for split, annotations in files.items():
-        write_shards(annotations, tmp_path / "synth" / "images", tmp_path / "shards" / split, progress=False)
-    cfg = build_config(
-        {
-            "name": "budgeted",
-            "workspace": str(tmp_path / "workspace"),
-            "data": {
-                "train": str(tmp_path / "shards" / "train"),
-                "val": str(tmp_path / "shards" / "val"),
-                "image_size": 64,
-                "batch_size": 4,
-                "augment": {"enabled": False},
-            },
-            "detector": {"name": "onenet", "num_classes": 3, "neck": {"channels": [32, 32, 32]}},
-            "training": {
-                "epochs": 500,
-                "num_workers": 2,
-                "time_budget_minutes": BUDGET_MINUTES,
-                "schedule": {"kind": "constant", "warmup_steps": 0},
-                "checkpoint": {"every_epochs": 1000},
-            },
-            "evaluation": {"every_epochs": 1000},
-            "tracking": {"experiment": "budget-tests"},
-        }
+def test_a_budgeted_run_stops_early_evaluates_and_checkpoints_what_it_has(tmp_path, synthetic_shards, tiny_config):
+    raw = tiny_config(
+        tmp_path / "workspace",
+        synthetic_shards(num_images=40, seed=3),
+        "budgeted",
+        tracking={"experiment": "budget-tests"},
+        epochs=500,
+        time_budget_minutes=BUDGET_MINUTES,
+        schedule={"kind": "constant", "warmup_steps": 0},
+        checkpoint={"every_epochs": 1000},
     )
+    cfg = build_config({**raw, "evaluation": {"every_epochs": 1000}})
     summary = train(cfg, progress=False)
 
     budget_s = BUDGET_MINUTES * 60

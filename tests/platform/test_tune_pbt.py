@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from .conftest import tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -94,24 +95,6 @@ def test_pbt_mutates_lists_by_neighbour_and_keeps_ranges_inside_their_bounds():
 # --- loading a donor's checkpoint ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group, as Ray Train sets one up on each worker."""
-    import torch.distributed as dist
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def _tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-
-
 @pytest.mark.parametrize("zero_stage", [0, 1])
 def test_a_donor_checkpoint_brings_weights_and_step_but_the_new_lr_and_weight_decay_rule(
     process_group, tmp_path, monkeypatch, zero_stage
@@ -125,7 +108,7 @@ def test_a_donor_checkpoint_brings_weights_and_step_but_the_new_lr_and_weight_de
     schedule = {"kind": "cosine", "warmup_steps": 3, "warmup_factor": 0.1}
     donor_cfg = TrainingConfig(zero_stage=zero_stage, optimizer={"lr": 1e-2, "weight_decay": 0.05}, schedule=schedule)
     donor, donor_scheduler = build_engine(
-        _tiny_model(), deepspeed_config(donor_cfg, batch_size=2, world_size=1), donor_cfg.schedule, total_steps=20
+        tiny_model(), deepspeed_config(donor_cfg, batch_size=2, world_size=1), donor_cfg.schedule, total_steps=20
     )
     inputs = torch.randn(2, 4)
     for _ in range(5):
@@ -139,7 +122,7 @@ def test_a_donor_checkpoint_brings_weights_and_step_but_the_new_lr_and_weight_de
         zero_stage=zero_stage, optimizer={"lr": 3e-4, "weight_decay": 0.0}, schedule={**schedule, "warmup_steps": 10}
     )
     engine, scheduler = build_engine(
-        _tiny_model(), deepspeed_config(new_cfg, batch_size=2, world_size=1), new_cfg.schedule, total_steps=20
+        tiny_model(), deepspeed_config(new_cfg, batch_size=2, world_size=1), new_cfg.schedule, total_steps=20
     )
     saved = load_keeping_hyperparameters(engine, scheduler, tmp_path)
     assert saved["epoch"] == 2 and engine.global_steps == 5 and scheduler.last_epoch == 5

@@ -169,6 +169,24 @@ def trial_config(base_raw: dict[str, Any], overrides: list[str], params: dict[st
     return build_config(apply_overrides(base_raw, [*overrides, *sampled]), source)
 
 
+def absolute_path_overrides(cfg: ExperimentConfig, cwd: str | Path | None = None) -> list[str]:
+    """Overrides that pin the config's relative local paths to ``cwd`` (default: this directory).
+
+    Tune runs each trial in a directory of its own, where ``workspace/...`` or
+    ``sqlite:///workspace/mlflow.db`` would name something else; the campaign driver
+    resolves them once and hands them to every trial. URIs (``s3://...``) are left alone.
+    """
+    base = Path(cwd or Path.cwd())
+    pinned = []
+    for dotted, value in (("workspace", cfg.workspace), ("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if value and "://" not in str(value) and not Path(value).is_absolute():
+            pinned.append(f"{dotted}={base / value}")
+    uri = cfg.tracking.tracking_uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        pinned.append(f"tracking.tracking_uri=sqlite:///{base / uri.removeprefix('sqlite:///')}")
+    return pinned
+
+
 def _yaml_scalar(value: Any) -> str:
     import yaml
 

@@ -31,7 +31,14 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from anchorless.platform.campaign import Campaign, KeepInRange, load_campaign, to_pbt_mutations, to_tune_space
+from anchorless.platform.campaign import (
+    Campaign,
+    KeepInRange,
+    absolute_path_overrides,
+    load_campaign,
+    to_pbt_mutations,
+    to_tune_space,
+)
 from anchorless.platform.errors import AnchorlessError
 from anchorless.platform.files import write_atomic
 
@@ -296,7 +303,7 @@ def _tuner(campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequen
     trainable = tune.with_parameters(
         _run_trial,
         campaign_path=str(campaign.path.resolve()),
-        campaign_overrides=list(overrides),
+        campaign_overrides=[*overrides, *absolute_path_overrides(campaign.base)],
         parent_run_id=parent_run_id,
     )
     # The trial driver only waits on its TorchTrainer; the workers hold the CPUs

@@ -71,3 +71,23 @@ def test_command_line_overrides_split_between_campaign_and_trials(tmp_path):
     assert campaign.spec.num_samples == 2
     assert campaign.base.training.epochs == 5 and campaign.base.data.batch_size == 4
     assert campaign.trial({"detector.assigner.cost_cls": 2.0}).data.batch_size == 4
+
+
+def test_relative_local_paths_are_pinned_for_trials_that_run_in_their_own_directories(tmp_path):
+    from anchorless.platform.campaign import absolute_path_overrides
+    from anchorless.platform.config import build_config
+
+    cfg = build_config(
+        {
+            "workspace": "workspace",
+            "data": {"train": "workspace/shards/train", "val": "s3://bucket/val"},
+            "tracking": {"tracking_uri": "sqlite:///workspace/mlflow.db"},
+        }
+    )
+    assert absolute_path_overrides(cfg, tmp_path) == [
+        f"workspace={tmp_path / 'workspace'}",
+        f"data.train={tmp_path / 'workspace/shards/train'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'workspace/mlflow.db'}",
+    ]
+    pinned = build_config({"workspace": str(tmp_path), "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
+    assert absolute_path_overrides(pinned, "/elsewhere") == []  # absolute paths and 4-slash sqlite URIs stay

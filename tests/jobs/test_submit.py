@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shlex
 import zipfile
 from pathlib import Path
@@ -101,6 +102,9 @@ def test_entrypoint_runs_the_cli_module_with_shell_quoted_arguments():
 
 
 def test_runtime_env_ships_the_project_without_venv_workspace_git_or_caches(tmp_path, monkeypatch):
+    # Only this environment: earlier tests' processes may have set MLflow's HTTP retry variables.
+    for name in [n for n in os.environ if n.startswith(jobs.PASSTHROUGH_PREFIXES)]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///local.db")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "detectors")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")

@@ -198,7 +198,8 @@ def _ray_temp_dir(state_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"anchorless-ray-{digest}"
 
 
-def _http_get(url: str, *, token: str | None = None, timeout: float = 3.0) -> tuple[int, str]:
+# A dead service refuses at once; a live one on a busy machine can take seconds to answer.
+def _http_get(url: str, *, token: str | None = None, timeout: float = 10.0) -> tuple[int, str]:
     """(status, body) of a GET; status 0 with the reason when nothing answered."""
     request = urllib.request.Request(url)
     if token:

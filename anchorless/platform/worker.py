@@ -171,8 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             **state.epoch_losses(),
         }
         if tracker is not None:  # epoch means, named apart from the per-step values
-            per_step = ("images_per_s", "lr", *state.loss_sums)
-            tracker.log_metrics({f"epoch_{k}" if k in per_step else k: v for k, v in metrics.items()}, step=engine.global_steps)
+            tracker.log_metrics(_epoch_summary(metrics), step=engine.global_steps)
         last = state.epoch == training.epochs or out_of_time
         save = last or state.epoch % training.checkpoint.every_epochs == 0
         if save or state.epoch % cfg.evaluation.every_epochs == 0:
@@ -233,15 +232,18 @@ def _report_as_result(checkpoint: ray.train.Checkpoint, rank: int, tracker: Any)
     """
     state = json.loads((Path(checkpoint.path) / STATE_FILE).read_text())
     if tracker is not None:
-        # Named as the epoch summary names them: epoch means apart from the per-step values.
-        per_step = {"images_per_s", "lr"}
-        metrics = {f"epoch_{k}" if k in per_step or k.startswith("loss") else k: v for k, v in state.get("metrics", {}).items()}
-        tracker.log_metrics(metrics, step=state["step"])
+        tracker.log_metrics(_epoch_summary(state.get("metrics", {})), step=state["step"])
     ray.train.report(
         state.get("metrics", {}),
         checkpoint=checkpoint if rank == 0 else None,
         checkpoint_dir_name=_checkpoint_dir_name(state["epoch"], state["step"]),
     )
+
+
+def _epoch_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's metrics as MLflow gets them: the epoch means of values also logged per step
+    (throughput, LR, every loss term) are named apart, ``epoch_lr``, ``epoch_loss_cls``, ..."""
+    return {f"epoch_{k}" if k in ("images_per_s", "lr") or k.startswith("loss") else k: v for k, v in metrics.items()}
 
 
 def _checkpoint_dir_name(epoch: int, step: int) -> str:

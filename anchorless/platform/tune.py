@@ -49,6 +49,7 @@ TUNER_DIR = "tuner"
 TAG_CAMPAIGN = "anchorless.campaign"
 TAG_TRIAL = "anchorless.trial"
 TAG_EXPLOIT = "anchorless.pbt.exploit"  # + ".epochNNNN": which trial this one was cloned from, and its new params
+TAG_EARLY_STOPPED = "anchorless.early_stopped"  # "true" on trials the scheduler stopped before their last epoch
 POINTER_FILE = "train_checkpoint.json"  # the whole content of a trial's Tune checkpoint
 
 
@@ -426,9 +427,14 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
             **{f"param.{k}": v for k, v in (result.config or {}).items()},
         }
         rows.append(row)
-        # Stopped early by the scheduler: left running, or failed as its Train run was aborted.
-        if child and (child.info.status == "RUNNING" or (child.info.status != "FINISHED" and not result.error)):
-            client.set_tag(child.info.run_id, "anchorless.early_stopped", str(row["epochs"] is not None and row["epochs"] < campaign.base.training.epochs).lower())
+        if child is None:
+            continue
+        # What Tune last saw decides, not the MLflow run: a stopped trial's Train run may
+        # log an epoch or two more before its abort lands.
+        early_stopped = not result.error and (row["epochs"] or 0) < campaign.base.training.epochs
+        client.set_tag(child.info.run_id, TAG_EARLY_STOPPED, str(early_stopped).lower())
+        # Stopped by the scheduler: left running, or failed as its Train run was aborted.
+        if child.info.status == "RUNNING" or (child.info.status != "FINISHED" and not result.error):
             client.set_terminated(child.info.run_id, status="FINISHED" if not result.error else "FAILED")
     # Only trials that ran every epoch have a logged model to register.
     scored = [
@@ -481,6 +487,10 @@ def _register_best(parent: Any, best: dict[str, Any], name: str, campaign_name: 
     from anchorless.platform.export import MLFLOW_MODEL_NAME
 
     client = parent.client
+    # A restored campaign that ends with the same best names the version it registered.
+    for registered in client.search_model_versions(f"name='{name}' and run_id='{best['run_id']}'"):
+        if registered.tags.get(TAG_CAMPAIGN) == campaign_name:
+            return f"models:/{name}/{registered.version}"
     mlflow.set_tracking_uri(parent.tracking_uri)
     mlflow.set_registry_uri(parent.tracking_uri)
     version = mlflow.register_model(f"runs:/{best['run_id']}/{MLFLOW_MODEL_NAME}", name, await_registration_for=120)

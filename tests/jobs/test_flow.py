@@ -5,7 +5,9 @@ directory, the way a user types it: a local cluster comes up (token auth, MLflow
 server), a two-trial campaign runs to completion as a Ray job and registers its best
 model in the cluster's registry, that version is promoted to champion with a gate table,
 a weaker version trained by a second job is refused with the reason printed, and the
-cluster goes down leaving nothing behind. The commands find the cluster through its
+cluster goes down leaving nothing behind. On the way: the campaign's nested MLflow runs and
+summary artifacts, and re-submitting the finished campaign restores it (no new trial, the
+same registered version). The commands find the cluster through its
 state file (``$ANCHORLESS_CLUSTER_DIR``), as the README's do.
 
 Sizes: 64 px shapes, one Ray Train worker per trial, 6 epochs of 8 steps. Promotion is
@@ -199,14 +201,33 @@ def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_ver
     assert summary["tracking_uri"] == state["mlflow_tracking_uri"]  # the job logged to the cluster's MLflow
     assert summary["model_uri"] == f"models:/{MODEL}/1"
 
+    # One MLflow parent run for the campaign, a finished child run per trial with its
+    # params; the summary (table, best config, plots) on the parent; the best is the
+    # child with the highest AP.
+    parent = registry.get_run(summary["parent_run_id"])
+    children = registry.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(float(c.data.params["detector.assigner.cost_giou"]) for c in children) == [1.0, 3.0]
+    assert all(c.info.status == "FINISHED" and c.data.metrics["epoch"] == EPOCHS for c in children)
+    assert all(c.data.tags["anchorless.early_stopped"] == "false" for c in children)
+    best = max(children, key=lambda c: (c.data.metrics["AP"], -c.info.start_time))
+    assert summary["best_run_id"] == best.info.run_id
+    assert summary["best_AP"] == pytest.approx(best.data.metrics["AP"], abs=1e-6)
+    assert parent.data.metrics["best_AP"] == pytest.approx(summary["best_AP"], abs=1e-6)
+    artifacts = {a.path for a in registry.list_artifacts(parent.info.run_id)}
+    assert {"trials.json", "best_config.yaml", "metric_vs_params.png"} <= artifacts
+
     status = json.loads(run("jobs", "status", job_id))
     assert (status["status"], status["kind"]) == ("SUCCEEDED", "tune")
     assert summary in _json_lines(run("jobs", "logs", job_id))
     assert re.search(rf"^{job_id}\s+SUCCEEDED\s+tune\s", run("jobs", "list"), re.MULTILINE)
 
-    # 3. The best trial's model is version 1 in the cluster's registry, not yet champion.
+    # 3. The best trial's model is version 1 in the cluster's registry, tagged with its
+    #    metrics, not yet champion.
     version = registry.get_model_version(MODEL, "1")
     assert version.run_id == summary["best_run_id"]
+    assert float(version.tags["AP"]) == pytest.approx(summary["best_AP"], abs=1e-5)
     listing = run("models", "list", MODEL)
     assert re.search(rf"^{MODEL}\s+1\s+-\s", listing, re.MULTILINE), listing
 
@@ -244,7 +265,15 @@ def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_ver
     assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"  # unchanged
     assert registry.get_model_version(MODEL, "2").tags["promotion.champion.decision"] == "refused"
 
-    # 7. Down: no process of the cluster left, no state file.
+    # 7. Submitting the finished campaign again restores it: no new trial, the same best,
+    #    the same registered version.
+    out = run("submit", "tune", "campaign.yaml", "--follow", timeout=300)
+    again = next(line for line in _json_lines(out) if "campaign" in line)
+    assert (again["best_run_id"], again["trials"], again["model_uri"]) == (summary["best_run_id"], 2, summary["model_uri"])
+    assert len(registry.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 2
+    assert {v.version for v in registry.search_model_versions(f"name='{MODEL}'")} == {"1", "2"}
+
+    # 8. Down: no process of the cluster left, no state file.
     assert run("cluster", "down").strip() == "stopped: ray, mlflow"
     assert not local.state_path(user_env[local.STATE_DIR_ENV]).exists()
     assert local._cluster_processes(state["cluster_id"]) == []

@@ -399,7 +399,7 @@ def log_and_register(
             flavor=mlflow.pyfunc,
             run_id=run_id,
             model_id=logged.model_id,
-            python_model=DetectorPyfunc(),
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # loads without unpickling
             artifacts={PYFUNC_ARTIFACT: str(export_path)},
             signature=pyfunc_signature(),
             input_example=example_input(),  # MLflow predicts on it once: the logged model is known to work

@@ -509,6 +509,24 @@ def _enter_job_directory() -> None:
         raise JobError(f"${JOB_CWD_ENV}={directory}: cannot work there ({exc.strerror})") from None
 
 
+def _join_local_cluster_with_its_token(args: argparse.Namespace) -> None:
+    """`--address` (or $RAY_ADDRESS) naming the cluster `cluster up --local` started: join
+    it with its token. Its Ray runs with token auth, and ray.init reads the mode and the
+    token from the environment, which the user's shell does not carry."""
+    from anchorless.cluster.local import default_state_dir, read_state
+
+    address = (args.address or os.environ.get("RAY_ADDRESS") or "").strip().rstrip("/")
+    if not address or os.environ.get("RAY_AUTH_MODE"):
+        return
+    state = read_state(default_state_dir())
+    if state is None or address not in (state["ray_address"], state["dashboard_url"].rstrip("/")):
+        return
+    args.address = state["ray_address"]  # the dashboard's URL is for jobs; ray.init wants the GCS
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_TOKEN_PATH"] = state["token_file"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from anchorless.platform.errors import AnchorlessError
 
@@ -517,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         _enter_job_directory()
+        if run in (_train, _evaluate, _tune, _models_promote):
+            _join_local_cluster_with_its_token(args)
         return run(args)
     except AnchorlessError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -209,9 +209,11 @@ def _fit_reporting_to_tune(
     needs its metric and a checkpoint in every result it sees.
     """
     from ray import tune
-    from ray.util.queue import Empty, Queue
+    from ray.util.queue import Empty
 
-    reports = _RunningFit.reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    from anchorless.platform.progress import create_queue
+
+    reports = _RunningFit.reports = create_queue(maxsize=1)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:

@@ -1,5 +1,6 @@
 """The command line: help, resolved configs, and one-line errors with exit code 2."""
 
+import os
 import subprocess
 import sys
 
@@ -44,3 +45,28 @@ def test_data_synth_writes_the_coco_layout(tmp_path, capsys):
     assert (tmp_path / "annotations" / "instances_train.json").exists()
     assert (tmp_path / "annotations" / "instances_val.json").exists()
     assert len(list((tmp_path / "images").glob("*.jpg"))) == 6
+
+
+def test_train_address_of_the_local_cluster_joins_with_its_token(tmp_path, monkeypatch):
+    from anchorless.cluster import local
+    from anchorless.jobs.cli import _join_local_cluster_with_its_token, build_parser
+
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(name, "")  # recorded, so what the test sets is undone afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(local.STATE_DIR_ENV, str(tmp_path))
+    token_file = tmp_path / "token"
+    local.write_state(tmp_path, {
+        "version": local.STATE_VERSION, "ray_address": "127.0.0.1:41001",
+        "dashboard_url": "http://127.0.0.1:41003", "token_file": str(token_file),
+    })  # fmt: skip
+
+    other = build_parser().parse_args(["train", "c.yaml", "--address", "10.0.0.5:6379"])
+    _join_local_cluster_with_its_token(other)  # another cluster: its own credentials
+    assert "RAY_AUTH_MODE" not in os.environ and other.address == "10.0.0.5:6379"
+
+    args = build_parser().parse_args(["train", "c.yaml", "--address", "http://127.0.0.1:41003/"])
+    _join_local_cluster_with_its_token(args)
+    assert args.address == "127.0.0.1:41001"  # the dashboard's URL means the cluster's GCS
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(token_file)

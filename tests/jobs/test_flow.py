@@ -68,9 +68,9 @@ def test_models_commands_find_the_local_clusters_mlflow_through_its_state_file(t
 def scratch(tmp_path_factory, synthetic_shards, tiny_config) -> Path:
     """The user's directory: a base config and a campaign, with the shards under ``shards/``.
 
-    The base config's paths are relative, as in the project's configs: the jobs must work
-    in this directory. The campaign gives its trials absolute paths, because Ray Tune runs
-    each trial in a directory of its own.
+    The base config's paths are relative, as in the project's configs: the jobs, and the
+    campaign's trials (which Ray Tune runs in directories of their own), must read them
+    as they read in this directory.
     """
     work = tmp_path_factory.mktemp("flow-user")
     shards = synthetic_shards(num_images=40, seed=1)  # 32 train, 8 validation
@@ -94,11 +94,6 @@ def scratch(tmp_path_factory, synthetic_shards, tiny_config) -> Path:
     campaign = {
         "name": "flow-campaign",
         "base": "base.yaml",
-        "overrides": [
-            f"workspace={work / 'workspace'}",
-            f"data.train={work / 'shards' / 'train'}",
-            f"data.val={work / 'shards' / 'val'}",
-        ],
         "search_space": {"detector.assigner.cost_giou": {"grid": [1.0, 3.0]}},
         "search": {"algorithm": "grid"},
         "scheduler": {"kind": "fifo"},

@@ -33,7 +33,7 @@ from anchorless.platform.export import (
 )
 from anchorless.platform.predict import to_original_pixels, write_json_atomic
 from anchorless.platform.progress import quiet_driver_console
-from anchorless.platform.tracking import manifest_checksum
+from anchorless.platform.shards import manifest_checksum
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ import torch
 
 from anchorless.platform.errors import AnchorlessError
 from anchorless.platform.files import atomic_path
-from anchorless.platform.tracking import TAG_MANIFEST_SHA256, manifest_checksum, mlflow_store, resolve_tracking_uri
+from anchorless.platform.shards import manifest_checksum
+from anchorless.platform.tracking import TAG_MANIFEST_SHA256, mlflow_store, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from anchorless.platform.config import ExperimentConfig

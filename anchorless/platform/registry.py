@@ -11,7 +11,6 @@ to go back to.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import statistics
@@ -24,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
 
 from anchorless.platform.errors import AnchorlessError
+from anchorless.platform.shards import manifest_checksum, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +104,6 @@ class Decision:
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def manifest_sha256(shard_dir: str) -> str:
-    """Checksum of a shard directory's manifest (it holds the per-shard checksums)."""
-    import pyarrow.fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(_as_uri(shard_dir))
-    try:
-        with filesystem.open_input_stream(f"{path.rstrip('/')}/manifest.json") as stream:
-            return hashlib.sha256(stream.read()).hexdigest()
-    except FileNotFoundError:
-        raise AnchorlessError(f"{shard_dir}: no manifest.json (not a shard directory?)") from None
-
-
-def _as_uri(path: str) -> str:
-    from pathlib import Path
-
-    return path if "://" in path else Path(path).resolve().as_uri()
 
 
 def _version(client: MlflowClient, name: str, version: str):
@@ -331,7 +313,7 @@ def promote(
     _version(client, name, version)
     if force and not reason:
         raise RegistryError("--force needs a --reason, which is recorded on the version")
-    data_sha = manifest_sha256(shard_dir)
+    data_sha = manifest_checksum(read_manifest(shard_dir))
     champion = _alias_version(client, name, alias)
     if champion == version:
         raise RegistryError(f"{name} v{version} is already {alias}")

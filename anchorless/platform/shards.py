@@ -285,6 +285,12 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2) + "\n").encode()
 
 
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """sha256 of ``manifest.json`` as this module writes it: the data set's identity (the
+    manifest lists every shard's checksum), recorded with models and compared by the registry."""
+    return hashlib.sha256(_manifest_bytes(manifest)).hexdigest()
+
+
 # --- atomic placement --------------------------------------------------------------------------
 
 

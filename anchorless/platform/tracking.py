@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from anchorless.platform.errors import AnchorlessError
+from anchorless.platform.shards import manifest_checksum
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -192,14 +192,6 @@ def mlflow_store(uri: str) -> Iterator[None]:
 
 
 # --- what is logged -------------------------------------------------------------------------------
-
-
-def manifest_checksum(manifest: Mapping[str, Any]) -> str:
-    """sha256 of the manifest as ``anchorless data shard`` writes it: the bytes of its
-    ``manifest.json`` (which lists every shard's checksum), so the data set a model was
-    trained on is recognised by the registry's checksum of a shard directory."""
-    text = json.dumps(manifest, indent=2, default=str) + "\n"  # the shard writer's layout
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def source_checksum(manifest: Mapping[str, Any]) -> str | None:

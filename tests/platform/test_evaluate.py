@@ -13,7 +13,7 @@ import torch
 from anchorless.platform.config import DataConfig
 from anchorless.platform.errors import DataError
 from anchorless.platform.export import ModelError
-from anchorless.platform.tracking import manifest_checksum
+from anchorless.platform.shards import manifest_checksum
 
 IMAGE_SIZE = 96  # network input; the synthetic images are 128 px, so every scale is 0.75
 NUM_IMAGES = 8

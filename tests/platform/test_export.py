@@ -21,7 +21,8 @@ from anchorless.platform.export import (
     log_and_register,
 )
 from anchorless.platform.predict import detect, read_image
-from anchorless.platform.tracking import TAG_MANIFEST_SHA256, Tracker, manifest_checksum, mlflow_store
+from anchorless.platform.shards import manifest_checksum
+from anchorless.platform.tracking import TAG_MANIFEST_SHA256, Tracker, mlflow_store
 
 MANIFEST = {
     "format": "anchorless-shards",

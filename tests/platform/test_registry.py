@@ -5,6 +5,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
+from anchorless.platform.errors import DataError
 from anchorless.platform.registry import (
     Guard,
     PromotionPolicy,
@@ -15,6 +16,7 @@ from anchorless.platform.registry import (
     promote,
     rollback,
 )
+from anchorless.platform.shards import FORMAT, FORMAT_VERSION
 
 NAME = "shapes-onenet"
 
@@ -32,7 +34,8 @@ def client(tmp_path):
 def shards(tmp_path):
     directory = tmp_path / "shards"
     directory.mkdir()
-    (directory / "manifest.json").write_text(json.dumps({"num_images": 10}))
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "num_images": 10, "shards": []}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     return str(directory)
 
 
@@ -121,7 +124,7 @@ def test_unknown_version_and_model_are_clear_errors(client, shards, tmp_path):
         promote(client, NAME, "9", shards, evaluate_fn=scripted(SCORES))
     with pytest.raises(RegistryError, match="no registered model named 'nope'"):
         list_models(client, "nope")
-    with pytest.raises(Exception, match="no manifest.json"):
+    with pytest.raises(DataError, match="no manifest; not a shard directory"):
         promote(client, NAME, "1", str(tmp_path), evaluate_fn=scripted(SCORES))
 
 

@@ -108,9 +108,13 @@ def format_losses(losses: dict[str, float]) -> str:
 class ProgressDisplay:
     """The driver's end: a context manager running the draining thread."""
 
-    def __init__(self, queue: Any, *, total_steps: int, epochs: int, enabled: bool = True) -> None:
+    def __init__(
+        self, queue: Any, *, total_steps: int, epochs: int, enabled: bool = True, budget_minutes: float | None = None
+    ) -> None:
         self.queue = queue
         self.total_steps = total_steps
+        # A time budget ends the run before its planned steps: the bar then counts training seconds.
+        self.budget_s = round(budget_minutes * 60) if budget_minutes else None
         self.epochs = epochs
         self.enabled = enabled
         self._stop = threading.Event()
@@ -148,6 +152,12 @@ class ProgressDisplay:
         except Exception:
             pass
 
+    def _position(self, item: dict[str, Any]) -> int:
+        """Where the bar stands: training seconds under a time budget, else the step."""
+        if self.budget_s:
+            return min(self.budget_s, round(item.get("train_seconds", 0.0)))
+        return item.get("step", 0)
+
     def _show(self, item: dict[str, Any]) -> None:
         if not self.enabled:
             if item.get("kind") == "evaluation":
@@ -155,25 +165,27 @@ class ProgressDisplay:
             return
         kind = item.get("kind")
         if kind == "start" and self._bar is not None:  # Ray Train restarted the workers
-            self._bar.n = item.get("step", 0)
+            self._bar.n = self._position(item)
             self._bar.write(f"workers restarted: continuing from epoch {item['epoch']}, step {item['step']}")
             self._bar.refresh()
         elif kind == "start":
             self._bar = tqdm(
-                total=self.total_steps,
-                initial=item.get("step", 0),
+                total=self.budget_s or self.total_steps,
+                initial=self._position(item),
                 desc="train",
-                unit="step",
+                unit="s" if self.budget_s else "step",
                 dynamic_ncols=True,
                 leave=True,
             )
             if item.get("resumed"):
                 self._bar.write(f"resumed at epoch {item['epoch']}, step {item['step']}")
         elif kind == "step" and self._bar is not None:
-            self._bar.n = item["step"]
-            self._bar.set_description(f"epoch {item['epoch']}/{self.epochs}", refresh=False)
+            self._bar.n = self._position(item)
+            where = f"epoch {item['epoch']}" if self.budget_s else f"epoch {item['epoch']}/{self.epochs}"
+            self._bar.set_description(where, refresh=False)
+            step = f"step {item['step']} " if self.budget_s else ""
             self._bar.set_postfix_str(
-                f"{format_losses(item['losses'])} lr={item['lr']:.2e} {item['images_per_s']:.1f} img/s", refresh=False
+                f"{step}{format_losses(item['losses'])} lr={item['lr']:.2e} {item['images_per_s']:.1f} img/s", refresh=False
             )
             self._bar.refresh()
         elif kind == "evaluation":

@@ -533,7 +533,10 @@ def _fit(
         callbacks=callbacks,
         start_checkpoint=start_checkpoint,
     )
-    display = ProgressDisplay(queue, total_steps=plan.total_steps, epochs=cfg.training.epochs, enabled=progress)
+    display = ProgressDisplay(
+        queue, total_steps=plan.total_steps, epochs=cfg.training.epochs, enabled=progress,
+        budget_minutes=cfg.training.time_budget_minutes,
+    )  # fmt: skip
     try:
         with display:
             result = trainer.fit()

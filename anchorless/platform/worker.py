@@ -96,7 +96,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
         tracker = Tracker.attach(cfg, plan["run_id"], plan["tracking_uri"])
         progress = ProgressSender(plan.get("progress_queue"))
-        progress.send("start", epoch=state.epoch, step=engine.global_steps, resumed=checkpoint is not None)
+        progress.send(
+            "start", epoch=state.epoch, step=engine.global_steps, resumed=checkpoint is not None, train_seconds=state.train_seconds
+        )
 
     if started_elsewhere and state.epoch >= training.epochs:
         _report_as_result(checkpoint, rank, tracker)  # started from a final checkpoint: nothing left to train
@@ -145,7 +147,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 speed = window_steps * images_per_step / (now - window_start)
                 window_start, window_steps = now, 0
                 lr, step = scheduler.get_last_lr()[0], engine.global_steps
-                side_work.submit(progress.send, "step", epoch=epoch + 1, step=step, losses=averaged, lr=lr, images_per_s=speed)
+                side_work.submit(
+                    progress.send, "step", epoch=epoch + 1, step=step, losses=averaged, lr=lr, images_per_s=speed,
+                    train_seconds=state.train_seconds,
+                )  # fmt: skip
                 side_work.submit(tracker.log_metrics, {**averaged, "lr": lr, "images_per_s": speed}, step=step)
             now = time.perf_counter()
             state.train_seconds, tick = state.train_seconds + now - tick, now

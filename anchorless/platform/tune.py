@@ -198,7 +198,7 @@ class _AbortTrainingOnStop:
 
 
 def _fit_reporting_to_tune(
-    run_training: Callable[[list[Any]], dict[str, Any]], *, run_name: str, trial_id: str, only_checkpoints: bool
+    run_training: Callable[[list[Any]], dict[str, Any]], *, run_name: str, trial_id: str, metric: str, only_checkpoints: bool
 ) -> dict[str, Any]:
     """Run ``run_training(callbacks)`` in a thread; report what it reports to Tune from this one.
 
@@ -234,6 +234,10 @@ def _fit_reporting_to_tune(
                 metrics, checkpoint_path, _ = reports.get_nowait()
             except Empty:
                 break
+        if metric not in metrics:
+            # An epoch the config does not evaluate (evaluation.every_epochs > 1): Tune
+            # refuses a result without the campaign's metric, and a scheduler has nothing to rank.
+            continue
         if checkpoint_path is None:
             if not only_checkpoints:
                 tune.report(metrics)
@@ -292,6 +296,7 @@ def _run_trial(params: dict[str, Any], campaign_path: str, campaign_overrides: l
         ),
         run_name=run_name,
         trial_id=trial_id,
+        metric=campaign.spec.metric,
         only_checkpoints=campaign.spec.scheduler.kind == "pbt",
     )
 

@@ -85,6 +85,14 @@ def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or Path("workspace") / "cluster").resolve()
 
 
+def names_this_cluster(state: dict[str, Any], address: str) -> bool:
+    """Whether ``address`` is this local cluster's Ray address or its dashboard URL (a
+    trailing slash or a missing ``http://`` tolerated)."""
+    given = address.strip().rstrip("/")
+    dashboard = state["dashboard_url"].rstrip("/")
+    return given in (state["ray_address"], dashboard) or f"http://{given}" == dashboard
+
+
 def state_path(state_dir: str | Path) -> Path:
     return Path(state_dir) / STATE_FILE
 

@@ -513,13 +513,13 @@ def _join_local_cluster_with_its_token(args: argparse.Namespace) -> None:
     """`--address` (or $RAY_ADDRESS) naming the cluster `cluster up --local` started: join
     it with its token. Its Ray runs with token auth, and ray.init reads the mode and the
     token from the environment, which the user's shell does not carry."""
-    from anchorless.cluster.local import default_state_dir, read_state
+    from anchorless.cluster.local import default_state_dir, names_this_cluster, read_state
 
-    address = (args.address or os.environ.get("RAY_ADDRESS") or "").strip().rstrip("/")
+    address = args.address or os.environ.get("RAY_ADDRESS")
     if not address or os.environ.get("RAY_AUTH_MODE"):
         return
     state = read_state(default_state_dir())
-    if state is None or address not in (state["ray_address"], state["dashboard_url"].rstrip("/")):
+    if state is None or not names_this_cluster(state, address):
         return
     args.address = state["ray_address"]  # the dashboard's URL is for jobs; ray.init wants the GCS
     os.environ["RAY_AUTH_MODE"] = "token"

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
-from anchorless.cluster.local import default_state_dir, read_state
+from anchorless.cluster.local import default_state_dir, names_this_cluster, read_state
 from anchorless.platform.errors import AnchorlessError
 
 JOB_KINDS = ("train", "tune", "evaluate")
@@ -112,11 +112,8 @@ def resolve_target(address: str | None = None, *, state_dir: str | Path | None =
             "no Ray cluster address: pass --address http://HEAD:8265, set RAY_ADDRESS, "
             "or start a local cluster with `anchorless cluster up --local`"
         )
-    is_local = False
-    if state is not None and url.strip() in (state["ray_address"], state["dashboard_url"]):
-        url, is_local = state["dashboard_url"], True
-    url = _normalise_address(url)
-    is_local = is_local or (state is not None and url == state["dashboard_url"])
+    is_local = state is not None and names_this_cluster(state, url)
+    url = state["dashboard_url"] if is_local else _normalise_address(url)
 
     target = ClusterTarget(address=url, address_source=source, state=state if is_local else None)
     if is_local:

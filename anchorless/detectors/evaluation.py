@@ -109,17 +109,17 @@ def coco_eval(
     return metrics
 
 
-def duplicate_rate(
+def duplicate_counts(
     detections: Sequence[Mapping[str, torch.Tensor]],
     score_threshold: float = 0.3,
     iou_threshold: float = 0.5,
-) -> float:
-    """Fraction of confident detections that duplicate a better one: the cost of no NMS.
+) -> tuple[int, int]:
+    """(duplicates, confident): the two counts behind :func:`duplicate_rate`.
 
-    Among all detections with score >= score_threshold (over all images), the fraction
-    that overlap (IoU >= iou_threshold) a higher-scoring detection of the same class in
-    the same image. Equal scores are ranked by their order in the input. 0 when there are
-    no confident detections.
+    ``confident`` is the number of detections with score >= score_threshold over all
+    images; ``duplicates`` how many of them overlap (IoU >= iou_threshold) a
+    higher-scoring detection of the same class in the same image. Equal scores are
+    ranked by their order in the input.
     """
     confident, duplicates = 0, 0
     for det in detections:
@@ -135,7 +135,31 @@ def duplicate_rate(
         better = torch.ones_like(overlap).triu(diagonal=1)  # better[i, j]: i ranks above j
         duplicates += int((overlap & better).any(dim=0).sum())
         confident += len(labels)
+    return duplicates, confident
+
+
+def duplicate_rate(
+    detections: Sequence[Mapping[str, torch.Tensor]],
+    score_threshold: float = 0.3,
+    iou_threshold: float = 0.5,
+) -> float:
+    """Fraction of confident detections that duplicate a better one: the cost of no NMS.
+
+    See :func:`duplicate_counts`. 0 when there are no confident detections, so a
+    model that detects nothing has a perfect rate: read it beside the confident count.
+    """
+    duplicates, confident = duplicate_counts(detections, score_threshold, iou_threshold)
     return duplicates / confident if confident else 0.0
 
 
-__all__ = ["coco_eval", "detections_to_coco_results", "duplicate_rate"]
+def duplicate_metrics(
+    detections: Sequence[Mapping[str, torch.Tensor]],
+    score_threshold: float = 0.3,
+    iou_threshold: float = 0.5,
+) -> dict[str, float | int]:
+    """``duplicate_rate`` and ``confident_detections``, as logged with every evaluation."""
+    duplicates, confident = duplicate_counts(detections, score_threshold, iou_threshold)
+    return {"duplicate_rate": duplicates / confident if confident else 0.0, "confident_detections": confident}
+
+
+__all__ = ["coco_eval", "detections_to_coco_results", "duplicate_counts", "duplicate_metrics", "duplicate_rate"]

@@ -142,13 +142,14 @@ def evaluate(
 
     Returns:
         ``AP, AP50, AP75, APs, APm, APl, AR100`` (pycocotools; -1 where a size has no
-        ground truth), ``duplicate_rate``, ``per_class_AP`` (by category name), ``images``,
+        ground truth), ``duplicate_rate`` and ``confident_detections`` (its
+        denominator), ``per_class_AP`` (by category name), ``images``,
         ``seconds``, ``images_per_second``, ``model``, ``data``, ``data_manifest_sha256``,
         ``model_manifest_sha256``, ``results`` and ``summary`` (file paths).
     """
     import ray
 
-    from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
+    from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_metrics
     from anchorless.platform.config import DataConfig
     from anchorless.platform.data import build_dataset
     from anchorless.platform.shards import coco_ground_truth, read_manifest
@@ -219,9 +220,7 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else _default_out_dir(workspace)
     summary = {
         **{key: metrics[key] for key in METRICS},
-        "duplicate_rate": duplicate_rate(
-            detections, score_threshold=duplicate_score_threshold, iou_threshold=duplicate_iou_threshold
-        ),
+        **duplicate_metrics(detections, score_threshold=duplicate_score_threshold, iou_threshold=duplicate_iou_threshold),
         "per_class_AP": metrics["per_class_AP"],
         "images": len(seen),
         "detections": len(results),

@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 HISTORY_TAG = "anchorless.champion_history"
 EVAL_TAG_PREFIX = "eval"  # eval.<data sha256[:12]>.<metric>
 # Metrics a version is compared on; the evaluation summary has them under these names.
-COMPARED_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate", "latency_ms")
+COMPARED_METRICS = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate", "confident_detections", "latency_ms",
+)
+# A rate guard says nothing when the champion's rate has no denominator: a champion
+# that detects nothing confidently has a duplicate rate of 0 that no real model can match.
+_RATE_DENOMINATORS = {"duplicate_rate": "confident_detections"}
 
 
 class RegistryError(AnchorlessError):
@@ -266,6 +271,11 @@ def decide(
             ours, theirs = candidate_metrics.get(metric), champion_metrics.get(metric)
             if ours is None or theirs is None:
                 rows.append({"metric": metric, "rule": "guard", "candidate": ours, "champion": theirs, "verdict": "n/a"})
+                continue
+            denominator = _RATE_DENOMINATORS.get(metric)
+            if denominator is not None and champion_metrics.get(denominator) == 0:
+                rows.append({"metric": metric, "rule": f"guard (champion has no {denominator})", "candidate": ours, "champion": theirs, "verdict": "n/a"})
+                reasons.append(f"{metric} not compared: the champion has no {denominator.replace('_', ' ')}")
                 continue
             regressed = _regressed(ours, theirs, guard)
             tolerance = guard.tolerance + guard.relative_tolerance * abs(theirs)

@@ -372,7 +372,7 @@ def _score(
     epoch: int,
 ) -> dict[str, Any]:
     """Rank 0: COCO AP and duplicate rate of all ranks' predictions, logged to MLflow."""
-    from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
+    from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_metrics
 
     everything = [item for part in gathered for item in part]
     image_ids = [image_id for image_id, _, _ in everything]
@@ -382,10 +382,12 @@ def _score(
     )
     coco_gt = _ground_truth(plan["val_dir"])
     summary = coco_eval(coco_gt, results)  # every ground-truth image counts, predicted or not
-    summary["duplicate_rate"] = duplicate_rate(
-        detections,
-        score_threshold=cfg.evaluation.duplicate_score_threshold,
-        iou_threshold=cfg.evaluation.duplicate_iou_threshold,
+    summary.update(
+        duplicate_metrics(
+            detections,
+            score_threshold=cfg.evaluation.duplicate_score_threshold,
+            iou_threshold=cfg.evaluation.duplicate_iou_threshold,
+        )
     )
     summary["num_images"] = len(image_ids)
     metrics = {key: value for key, value in summary.items() if isinstance(value, (int, float))}

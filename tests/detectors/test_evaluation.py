@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
+from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_metrics, duplicate_rate
 
 GT = {
     "images": [{"id": 7, "width": 100, "height": 100}, {"id": 9, "width": 100, "height": 100}],
@@ -79,3 +79,5 @@ def test_duplicate_rate_counts_confident_same_class_overlaps_with_a_better_detec
     assert duplicate_rate(detections) == pytest.approx(1 / 5)
     assert duplicate_rate(detections, iou_threshold=0.95) == 0.0
     assert duplicate_rate([_det([], [], [])]) == 0.0
+    assert duplicate_metrics(detections) == {"duplicate_rate": pytest.approx(1 / 5), "confident_detections": 5}
+    assert duplicate_metrics([_det([], [], [])]) == {"duplicate_rate": 0.0, "confident_detections": 0}

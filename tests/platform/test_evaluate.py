@@ -109,6 +109,7 @@ def test_a_model_predicting_the_ground_truth_scores_ap_one_and_shifted_boxes_sco
     assert exact["images"] == NUM_IMAGES
     assert (exact["AP"], exact["AP50"], exact["AP75"], exact["AR100"]) == (1.0, 1.0, 1.0, 1.0)
     assert exact["duplicate_rate"] == 0.0
+    assert exact["confident_detections"] == sum(len(boxes) for boxes, _, _ in truth.values())  # score 1 each
     assert set(exact["per_class_AP"].values()) == {1.0}
 
     # IoU (1 - s) / (1 + s) = 0.725 with the truth: a hit at IoU thresholds 0.50..0.70, a miss

@@ -119,6 +119,21 @@ def test_margin_and_min_mode_rules():
     assert not decide("m", "2", "1", {"AP": 0.525, "latency_ms": 111.0}, base, policy, "x").promoted
 
 
+def test_duplicate_rate_of_a_champion_that_detects_nothing_is_not_a_bar():
+    policy = PromotionPolicy()
+    blind = {"AP": 0.0, "AP50": 0.0, "duplicate_rate": 0.0, "confident_detections": 0, "latency_ms": 10.0}
+    real = {"AP": 0.06, "AP50": 0.2, "duplicate_rate": 0.05, "confident_detections": 120, "latency_ms": 10.0}
+    decision = decide("m", "2", "1", real, blind, policy, "x")
+    assert decision.promoted
+    row = next(r for r in decision.rows if r["metric"] == "duplicate_rate")
+    assert row["verdict"] == "n/a" and "no confident_detections" in row["rule"]
+    assert any("not compared" in reason for reason in decision.reasons)
+    # A champion that does detect keeps its duplicate rate as a bar, and old scores
+    # without the count are compared as before.
+    assert not decide("m", "2", "1", real, {**blind, "confident_detections": 50}, policy, "x").promoted
+    assert not decide("m", "2", "1", real, {k: v for k, v in blind.items() if k != "confident_detections"}, policy, "x").promoted
+
+
 def test_unknown_version_and_model_are_clear_errors(client, shards, tmp_path):
     with pytest.raises(RegistryError, match="has no version 9"):
         promote(client, NAME, "9", shards, evaluate_fn=scripted(SCORES))

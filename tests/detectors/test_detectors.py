@@ -140,6 +140,28 @@ def test_onenet_multi_head_training_adds_losses_per_head_and_infers_from_the_fir
     assert len(model.head(features)) == 1
 
 
+def test_onenet_ltrb_scale_multiplies_the_regression_and_keeps_the_initial_box_size():
+    from anchorless.detectors.onenet import OneNetHead
+
+    features = torch.randn(2, 16, 8, 8)
+    plain, scaled = OneNetHead(16, 3), OneNetHead(16, 3, ltrb_scale=4.0)
+    scaled.load_state_dict(plain.state_dict())  # same weights, scaled's bias still ltrb_init / 4
+    with torch.no_grad():
+        scaled.ltrb_pred.bias.fill_(1.0)
+        plain.ltrb_pred.bias.fill_(1.0)
+        _, ltrb_plain = plain.predict(features)
+        _, ltrb_scaled = scaled.predict(features)
+    torch.testing.assert_close(ltrb_scaled, 4.0 * ltrb_plain)
+    # At initialisation (zero weights) every side is ltrb_init pixels, whatever the scale.
+    fresh = OneNetHead(16, 3, ltrb_scale=4.0, ltrb_init=4.0)
+    with torch.no_grad():
+        fresh.ltrb_pred.weight.zero_()
+        _, ltrb = fresh.predict(features)
+    torch.testing.assert_close(ltrb, torch.full_like(ltrb, 4.0))
+    with pytest.raises(ValueError, match="ltrb_scale must be > 0"):
+        OneNetHead(16, 3, ltrb_scale=0.0)
+
+
 def test_deformable_neck_option_builds_and_trains():
     model = build_detector(small_config("centernet", neck={"deform": True, "channels": [32, 32, 64]}))
     losses = model(torch.rand(1, 3, 64, 64), [{"boxes": torch.tensor([[8.0, 8, 40, 50]]), "labels": torch.tensor([1])}])

@@ -485,14 +485,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
+# Verbs that never touch Ray: they should not pay for importing it.
+_WITHOUT_RAY = {"config"}
+
+
+def _configure_logging(verbose: bool, verb: str | None = None) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
     )
+    if verb not in _WITHOUT_RAY:
+        # Importing ray sets its logger to INFO (once per process): import it first so
+        # the levels below stick.
+        import ray  # noqa: F401
     # Ray and DeepSpeed are chatty at INFO; a user wants our progress, not theirs.
     for name in ("ray", "deepspeed", "DeepSpeed", "mlflow", "alembic", "urllib3"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Packaging a job's working_dir warns that .git/.venv are now excluded by default,
+    # which is what a job wants.
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.DEBUG if verbose else logging.ERROR)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
@@ -531,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     from anchorless.platform.errors import AnchorlessError
 
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.verb)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         _enter_job_directory()

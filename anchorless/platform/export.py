@@ -233,6 +233,9 @@ def _load_mlflow_export(uri: str, tracking_uri: str | None) -> dict[str, Any]:
     from mlflow.exceptions import MlflowException
 
     store = resolve_tracking_uri(tracking_uri)
+    # MLflow draws a bar per download; a model load is one quick step of a job that shows
+    # its own progress, and in Ray workers (evaluation actors) the bars interleave.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="anchorless-model-") as tmp:
         try:
             # models:/ URIs resolve through MLflow's process-wide registry URI, whatever is passed.

@@ -95,26 +95,25 @@ def experiment_config(name: str, shards: dict[str, Path], workdir: Path, args: a
     """The common recipe as a platform config; the peer reads its data/optimizer fields too."""
     from anchorless.platform.config import apply_overrides, build_config
 
-    overrides = overrides_for(name, args.overrides)
     raw = {
-            "name": f"bench-bccd-{name}",
-            "workspace": str(workdir / "workspace"),
-            "data": {"train": str(shards["train"]), "val": str(shards["val"]), "image_size": args.image_size, "batch_size": 4, "max_boxes": 100},
-            "detector": DETECTORS.get(name, DETECTORS["fcos_r18"]),
-            "training": {
-                "epochs": 10_000,  # the budget stops it
-                "num_workers": 2,
-                "cpus_per_worker": 1,
-                "time_budget_minutes": args.minutes,
-                "optimizer": {"name": "adamw", "lr": 5e-4, "weight_decay": 1e-4},
-                "schedule": {"kind": "constant", "warmup_steps": 100, "warmup_factor": 0.01},
-                "grad_clip": 1.0,
-                "checkpoint": {"every_epochs": 10_000},
-            },
-            "evaluation": {"every_epochs": 10_000},  # scored once, at the stop, on val; test is scored below
-            "tracking": {"experiment": "bench-bccd", "registered_model": None, "tracking_uri": None},
-        }
-    return build_config(apply_overrides(raw, overrides), source=f"{name} recipe")
+        "name": f"bench-bccd-{name}",
+        "workspace": str(workdir / "workspace"),
+        "data": {"train": str(shards["train"]), "val": str(shards["val"]), "image_size": args.image_size, "batch_size": 4, "max_boxes": 100},
+        "detector": DETECTORS.get(name, DETECTORS["fcos_r18"]),
+        "training": {
+            "epochs": 10_000,  # the budget stops it
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "time_budget_minutes": args.minutes,
+            "optimizer": {"name": "adamw", "lr": 5e-4, "weight_decay": 1e-4},
+            "schedule": {"kind": "constant", "warmup_steps": 100, "warmup_factor": 0.01},
+            "grad_clip": 1.0,
+            "checkpoint": {"every_epochs": 10_000},
+        },
+        "evaluation": {"every_epochs": 10_000},  # scored once, at the stop, on val; test is scored below
+        "tracking": {"experiment": "bench-bccd", "registered_model": None, "tracking_uri": None},
+    }
+    return build_config(apply_overrides(raw, overrides_for(name, args.overrides)), source=f"{name} recipe")
 
 
 def run_ours(name: str, cfg, shards: dict[str, Path]) -> dict:

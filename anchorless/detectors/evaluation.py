@@ -148,8 +148,7 @@ def duplicate_rate(
     See :func:`duplicate_counts`. 0 when there are no confident detections, so a
     model that detects nothing has a perfect rate: read it beside the confident count.
     """
-    duplicates, confident = duplicate_counts(detections, score_threshold, iou_threshold)
-    return duplicates / confident if confident else 0.0
+    return duplicate_metrics(detections, score_threshold, iou_threshold)["duplicate_rate"]
 
 
 def duplicate_metrics(

@@ -20,10 +20,15 @@ mean/std, as ours), and its score threshold is FCOS's 0.05. Every model is score
 the same function (``common.score_on_split``: pycocotools AP/AP50 on original pixels
 and the duplicate rate) on the BCCD test split, which no side saw.
 
-    .venv/bin/python bench/bccd_accuracy.py [--bccd DIR] [--minutes 10] [--only NAME ...]
+    .venv/bin/python bench/bccd_accuracy.py [--bccd DIR] [--minutes 10] [--seeds 1] [--only NAME ...]
 
-Prints a side-by-side table, then one JSON line:
-``{"onenet_r18": {"AP":…, "AP50":…}, "fcos_r18": {…}, "torchvision_fcos_r18": {…}, "minutes": …}``.
+With ``--seeds N`` every detector trains N times (``training.seed`` 0..N-1: initial
+weights, data order and augmentation), seed by seed in turn, and the table shows
+the mean and the spread: at a few hundred steps from scratch, one run per side
+cannot rank these models (BENCHMARKS.md has two single runs 0.07-0.12 AP apart).
+
+Prints a side-by-side table, then one JSON line (AP and AP50 are the means over seeds):
+``{"onenet_r18": {"AP":…, "AP50":…, "AP_seeds": […], …}, "fcos_r18": {…}, "torchvision_fcos_r18": {…}, "minutes": …}``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import io
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -63,6 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bccd", default=default_bccd, help="BCCD root (annotations/, images/)")
     parser.add_argument("--minutes", type=float, default=10.0, help="training-time budget of each detector")
     parser.add_argument("--image-size", type=int, default=416)
+    parser.add_argument("--seeds", type=int, default=1, help="runs per detector (training.seed 0..N-1); mean and spread reported")
     parser.add_argument("--only", nargs="+", choices=[*OURS, PEER], help="run only these")
     parser.add_argument("--workdir", help="shards and runs go here (default: a new temporary directory)")
     parser.add_argument(
@@ -91,7 +98,7 @@ def overrides_for(name: str, overrides: list[str]) -> list[str]:
     return chosen
 
 
-def experiment_config(name: str, shards: dict[str, Path], workdir: Path, args: argparse.Namespace):
+def experiment_config(name: str, shards: dict[str, Path], workdir: Path, args: argparse.Namespace, seed: int = 0):
     """The common recipe as a platform config; the peer reads its data/optimizer fields too."""
     from anchorless.platform.config import apply_overrides, build_config
 
@@ -113,7 +120,8 @@ def experiment_config(name: str, shards: dict[str, Path], workdir: Path, args: a
         "evaluation": {"every_epochs": 10_000},  # scored once, at the stop, on val; test is scored below
         "tracking": {"experiment": "bench-bccd", "registered_model": None, "tracking_uri": None},
     }
-    return build_config(apply_overrides(raw, overrides_for(name, args.overrides)), source=f"{name} recipe")
+    overrides = [f"training.seed={seed}", *overrides_for(name, args.overrides)]
+    return build_config(apply_overrides(raw, overrides), source=f"{name} recipe")
 
 
 def run_ours(name: str, cfg, shards: dict[str, Path]) -> dict:
@@ -213,32 +221,48 @@ def main() -> None:
             write_shards(bccd / "annotations" / f"instances_{split}.json", bccd / "images", shards[split], progress=False)
 
     names = args.only or [PEER, *OURS]
-    results, loads = {}, {}
-    for name in names:
-        print(f"\n== {name}: {args.minutes:g} min of training", flush=True)
-        load_before = os.getloadavg()[0]
-        start = time.perf_counter()
-        if name == PEER:
-            results[name] = run_peer(experiment_config(name, shards, workdir, args), shards, args.minutes)
-        else:
-            results[name] = run_ours(name, experiment_config(name, shards, workdir, args), shards)
-        loads[name] = (round(load_before, 1), round(os.getloadavg()[0], 1))
-        print(f"   wall {time.perf_counter() - start:.0f} s, load {loads[name]}: AP {results[name]['AP']:.4f} AP50 {results[name]['AP50']:.4f}", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    loads = {name: [] for name in names}
+    for seed in range(args.seeds):  # seed by seed, so slow drift of the machine's load hits every side alike
+        for name in names:
+            print(f"\n== {name}, seed {seed}: {args.minutes:g} min of training", flush=True)
+            load_before = os.getloadavg()[0]
+            start = time.perf_counter()
+            cfg = experiment_config(name, shards, workdir, args, seed=seed)
+            result = run_peer(cfg, shards, args.minutes) if name == PEER else run_ours(name, cfg, shards)
+            runs[name].append(result)
+            loads[name].append((round(load_before, 1), round(os.getloadavg()[0], 1)))
+            print(f"   wall {time.perf_counter() - start:.0f} s, load {loads[name][-1]}: AP {result['AP']:.4f} AP50 {result['AP50']:.4f}", flush=True)
+    results = {name: summarise(name_runs) for name, name_runs in runs.items()}
 
-    print(f"\nBCCD test split ({args.image_size} px), {args.minutes:g} min of training each, from scratch")
-    print(f"{'':<24} {'AP':>7} {'AP50':>7} {'AP75':>7} {'dup':>6} {'steps':>6} {'epochs':>7}")
+    seeds = f", mean ± sd over {args.seeds} seeds" if args.seeds > 1 else ""
+    print(f"\nBCCD test split ({args.image_size} px), {args.minutes:g} min of training each, from scratch{seeds}")
+    print(f"{'':<24} {'AP':>15} {'AP50':>15} {'AP75':>7} {'dup':>6} {'steps':>6} {'epochs':>7}")
     for name, r in results.items():
-        print(f"{name:<24} {r['AP']:>7.4f} {r['AP50']:>7.4f} {r['AP75']:>7.4f} {r['duplicate_rate']:>6.3f} {r['steps']:>6} {r['epochs']:>7}")
+        print(
+            f"{name:<24} {r['AP']:>7.4f} ±{r['AP_sd']:.3f} {r['AP50']:>7.4f} ±{r['AP50_sd']:.3f} "
+            f"{r['AP75']:>7.4f} {r['duplicate_rate']:>6.3f} {r['steps']:>6.0f} {r['epochs']:>7.1f}"
+        )
+        if args.seeds > 1:
+            print(f"{'':<24} AP per seed: {', '.join(f'{ap:.3f}' for ap in r['AP_seeds'])}")
     if PEER in results:
         for name in OURS:
             if name in results:
                 ratio = results[name]["AP"] / max(results[PEER]["AP"], 1e-9)
                 print(f"{name} / {PEER}: AP x{ratio:.2f}, AP50 x{results[name]['AP50'] / max(results[PEER]['AP50'], 1e-9):.2f}")
-    figures = {
-        name: {key: round(float(r[key]), 4) for key in ("AP", "AP50", "AP75", "duplicate_rate")} | {"steps": r["steps"]}
-        for name, r in results.items()
-    }
-    print(json.dumps({**figures, "minutes": args.minutes, "image_size": args.image_size, "load_before_after": loads, "overrides": args.overrides}))
+    print(json.dumps({**results, "minutes": args.minutes, "seeds": args.seeds, "image_size": args.image_size, "load_before_after": loads, "overrides": args.overrides}))
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Means over seeds (AP, AP50, AP75, duplicate rate, steps), spreads and per-seed values of AP and AP50."""
+    summary: dict = {}
+    for key in ("AP", "AP50", "AP75", "duplicate_rate", "steps", "epochs"):
+        values = [float(run[key]) for run in runs]
+        summary[key] = round(statistics.fmean(values), 4)
+        if key in ("AP", "AP50"):
+            summary[f"{key}_sd"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+            summary[f"{key}_seeds"] = [round(value, 4) for value in values]
+    return summary
 
 
 if __name__ == "__main__":

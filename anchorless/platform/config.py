@@ -78,6 +78,12 @@ class DataConfig(_Section):
         description="keep the shards' encoded rows in Ray's object store after one read, so epochs "
         "only decode; auto = when they fit in a quarter of the object store",
     )
+    stream_rows: int = Field(
+        4096,
+        ge=1,
+        description="with the training split cached, one Ray Data execution streams enough passes over "
+        "it for about this many rows (each execution's start-up is paid once per this many rows)",
+    )
 
     @field_validator("image_size")
     @classmethod

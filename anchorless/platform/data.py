@@ -18,17 +18,26 @@ num_boxes_capped   int32                       boxes lost to the ``max_boxes`` c
 image_id           int64                       the COCO image id
 scale              float32                     network pixels per original pixel
 orig_width/height  int32                       the stored image's size
-epoch              int32                       Ray Data's execution index (seeds augmentation)
+epoch              int32                       the pass over the split that drew the augmentation
 =================  ==========================  ===========================================
 
 Crowd boxes (``iscrowd``) are left out of training targets, as torchvision's
 detection references do; evaluation reads them from :func:`coco_ground_truth`.
 
-Augmentation is random per (seed, epoch, image id): the same run repeats the
-same augmentation for an image, and each epoch draws new ones. The epoch is Ray
-Data's own execution index of the dataset (the one its seeded shuffles use),
-which ``streaming_split`` advances once per epoch. Row *order* is not
-reproducible: Ray finishes parallel tasks in whatever order they finish.
+Training streams: when the encoded split is cached, one Ray Data execution
+streams many shuffled passes over it (``data.stream_rows`` rows), so the
+start-up of an execution is not paid every epoch; a worker cuts its part of the
+stream into epochs of a fixed number of steps (:class:`EpochStream`), and starts
+the next execution when one ends. Uncached (large) splits stream one pass per
+execution. Within an execution Ray Data decodes ahead of the consumer until the
+pipeline's object-store budget is spent (~1.2 GB measured with 512 px BCCD on
+this 2-CPU machine), which is why a run caps the passes at its epochs.
+
+Augmentation is random per (seed, pass, image id), so an image's augmentation
+does not depend on which task decodes it, and each pass draws new ones. The pass
+counts on across executions (Ray Data's execution index, the one its seeded
+shuffles use, times the passes per execution). Row *order* is not reproducible:
+Ray finishes parallel tasks in whatever order they finish.
 """
 
 from __future__ import annotations
@@ -54,6 +63,11 @@ log = logging.getLogger(__name__)
 # that per-task scheduling is noise (16 rows measured ~20% slower on 2 CPUs,
 # see bench/data_pipeline.py).
 DECODE_BLOCK_ROWS = 32
+# Rows one decode task of a training stream works through, handing out each
+# block as it is done. Ray Data leaves a CPU idle for a while between tasks;
+# measured on BCCD, 2 CPUs, images/s for 32/128/256/512/1024 rows per task:
+# 240/280/315/350/315 (bench/data_pipeline.py's Ray side alone).
+STREAM_ROWS_PER_TASK = 512
 
 
 def build_dataset(
@@ -63,13 +77,14 @@ def build_dataset(
     train: bool,
     seed: int = 0,
     block_rows: int = DECODE_BLOCK_ROWS,
+    max_passes: int | None = None,
 ) -> "ray.data.Dataset":  # noqa: F821 - ray is imported lazily
     """A Ray Dataset of decoded, transformed, fixed-shape rows (see the module docstring).
 
     Lazy, except that with ``data_cfg.cache_encoded`` (by default when the shards
     fit in a quarter of the object store) the shards are read once here and their
-    encoded rows stay in the object store; each epoch then only decodes and
-    augments.
+    encoded rows stay in the object store; each pass then only decodes and
+    augments, and a training dataset streams many passes per execution.
 
     Args:
         shard_dir: a directory written by :func:`anchorless.platform.shards.write_shards`
@@ -79,7 +94,10 @@ def build_dataset(
         train: augment (when ``data_cfg.augment.enabled``) and shuffle shard order;
             otherwise only letterbox (row order is not guaranteed either way).
         seed: the run's seed (``training.seed``) for augmentation and file order.
-        block_rows: rows per decode task (a throughput knob, see ``DECODE_BLOCK_ROWS``).
+        block_rows: rows per decode block (a throughput knob, see ``DECODE_BLOCK_ROWS``).
+        max_passes: at most this many passes per execution of a cached training
+            stream (the run's epochs: Ray Data decodes ahead of the consumer until
+            its object-store budget is used, and passes no epoch needs are waste).
     """
     import ray
 
@@ -98,34 +116,98 @@ def build_dataset(
     # Streaming split of each shard into small blocks: without it one shard is
     # one read task, and all of its images would decode in a single process.
     dataset = dataset.repartition(target_num_rows_per_block=block_rows)
+    decode_kwargs = {
+        "image_size": data_cfg.image_size,
+        "max_boxes": data_cfg.max_boxes,
+        "augment": augment.model_dump() if augment is not None else None,
+        "seed": seed,
+    }
+    compute = ray.data.TaskPoolStrategy(size=data_cfg.decode_concurrency)
     cached = _should_cache(manifest, data_cfg.cache_encoded)
+    if cached and train:
+        passes = passes_per_execution(manifest["num_images"], data_cfg.stream_rows, max_passes)
+        stream = _multi_pass_stream(
+            dataset.materialize(),
+            passes=passes,
+            blocks_per_task=max(1, STREAM_ROWS_PER_TASK // block_rows),
+            decode_kwargs=decode_kwargs,
+            compute=compute,
+        )
+        # Ray Data reserves a share of the CPUs for each operator; decoding is the
+        # only operator of this stream that needs them (measured 1.2-1.5x faster
+        # on 2 CPUs without the reservation). Evaluation keeps it: a model actor
+        # pool usually follows there.
+        stream.context.op_resource_reservation_enabled = False
+        return stream
     if cached:
         # Every epoch is a new execution; listing, reading and splitting the
         # shards again costs seconds each time, decoding from cached blocks none.
         dataset = dataset.materialize()
-        if train:  # the file shuffle above ran once; shuffle block order every epoch instead
-            dataset = dataset.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    dataset = dataset.map_batches(
+    return dataset.map_batches(
         decode_and_transform,
         batch_size=block_rows,
         batch_format="pyarrow",
         zero_copy_batch=True,
-        fn_kwargs={
-            "image_size": data_cfg.image_size,
-            "max_boxes": data_cfg.max_boxes,
-            "augment": augment.model_dump() if augment is not None else None,
-            "seed": seed,
-        },
-        compute=ray.data.TaskPoolStrategy(size=data_cfg.decode_concurrency),
+        fn_kwargs=decode_kwargs,
+        compute=compute,
         num_cpus=1,
     )
-    if cached and train:
-        # Ray Data reserves a share of the CPUs for each operator; with the input
-        # cached, decoding is the only operator of a training stream that needs
-        # them (measured 1.2-1.5x faster on 2 CPUs without the reservation).
-        # Evaluation keeps it: a model actor pool usually follows there.
-        dataset.context.op_resource_reservation_enabled = False
-    return dataset
+
+
+def passes_per_execution(num_images: int, stream_rows: int, max_passes: int | None = None) -> int:
+    """Passes over a cached training split that one Ray Data execution streams: about ``stream_rows`` rows."""
+    passes = max(1, -(-stream_rows // max(1, num_images)))
+    return passes if max_passes is None else max(1, min(passes, max_passes))
+
+
+def _multi_pass_stream(
+    cached: "ray.data.MaterializedDataset",  # noqa: F821
+    *,
+    passes: int,
+    blocks_per_task: int,
+    decode_kwargs: dict[str, Any],
+    compute: Any,
+) -> "ray.data.Dataset":  # noqa: F821
+    """``passes`` shuffled passes over cached encoded blocks as one Ray Data execution.
+
+    Ray Data has no repeat (its DatasetPipeline is gone), and each execution costs
+    a start-up (~0.3 s to the first batch on BCCD, a third of an epoch there).
+    Item ``i`` of a ``range`` is block ``i % num_blocks`` of pass ``i // num_blocks``
+    in that pass's seeded block order; its decode task fetches the cached block by
+    reference (no copy of the encoded bytes) and augments it with the pass's seed.
+    Items run in order, so passes follow each other (blocks at a pass boundary may
+    overlap, as a DataLoader's persistent workers refill across epochs). A task
+    decodes ``blocks_per_task`` blocks and hands each out as it is done.
+    """
+    import ray
+
+    blocks = [ref for bundle in cached.iter_internal_ref_bundles() for ref in bundle.block_refs]
+    items = passes * len(blocks)
+    return ray.data.range(items, override_num_blocks=-(-items // blocks_per_task)).map_batches(
+        _decode_stream_items,
+        batch_size=None,
+        batch_format="numpy",
+        fn_kwargs={"blocks": blocks, "passes": passes, **decode_kwargs},
+        compute=compute,
+        num_cpus=1,
+    )
+
+
+def stream_pass_order(seed: int, data_pass: int, num_blocks: int) -> np.ndarray:
+    """The block order of one pass of a multi-pass stream (deterministic per seed and pass)."""
+    return np.random.default_rng([seed, data_pass]).permutation(num_blocks)
+
+
+def _decode_stream_items(
+    items: dict[str, np.ndarray], *, blocks: list[Any], passes: int, seed: int, **decode_kwargs: Any
+) -> Iterator[dict[str, np.ndarray]]:
+    import ray
+
+    for item in items["id"].tolist():
+        # Each execution of the stream goes on from where the last one ended.
+        data_pass = _execution_epoch() * passes + item // len(blocks)
+        block = ray.get(blocks[stream_pass_order(seed, data_pass, len(blocks))[item % len(blocks)]])
+        yield decode_and_transform(block, seed=seed, epoch=data_pass, **decode_kwargs)
 
 
 def _should_cache(manifest: dict[str, Any], mode: str) -> bool:
@@ -333,78 +415,104 @@ def to_model_inputs(
 
 
 def steps_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
-    """Batches every rank runs per epoch.
+    """Batches every rank runs per epoch: one pass's share, in whole batches.
 
     Ray Train splits a dataset with ``streaming_split(world_size, equal=True)``:
-    every rank gets exactly ``num_images // world_size`` rows (at most
-    ``world_size - 1`` images sit out an epoch). Batches are taken with
-    ``drop_last=True``, so every rank runs ``rows // batch_size`` steps and the
+    every rank gets exactly the same number of rows of an execution, so every
+    rank's batches (taken with ``drop_last=True``) run out together and the
     collective ops of data-parallel training never wait on a rank with one
-    batch fewer. Augmentation and file shuffling change which images sit out.
+    batch fewer. An epoch is ``(num_images // world_size) // batch_size`` steps.
     """
     if world_size < 1 or batch_size < 1:
         raise ValueError(f"world_size and batch_size must be >= 1, got {world_size}, {batch_size}")
     return (num_images // world_size) // batch_size
 
 
-def iter_batches_for_steps(
-    iterator: Any,
-    *,
-    batch_size: int,
-    steps: int,
-    device: torch.device | str = "cpu",
-    prefetch_batches: int = 2,
-    shuffle_buffer: int | None = None,
-) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
-    """Exactly ``steps`` model-ready batches from a Ray ``DataIterator`` or ``Dataset``.
+Batch = tuple[torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
-    The underlying epoch is drained after the last step (so Ray counts the
-    epoch as finished and the next one draws new augmentations), and the number
-    of boxes lost to the ``max_boxes`` cap is logged once per epoch.
+
+class EpochStream:
+    """One rank's training batches, cut into epochs of exactly ``steps`` batches.
+
+    The batches come from ``iterator`` (a Ray ``DataIterator`` or ``Dataset``)
+    as one continuous stream: when an execution of the dataset ends, the next
+    begins (``streaming_split`` makes every rank cross that boundary at the same
+    batch). An epoch is a step count, not an execution: with several passes per
+    execution (see :func:`build_dataset`) epochs just follow each other, and a
+    stream abandoned early (a time budget, a restart) costs nothing more.
     """
-    batches = iterator.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        prefetch_batches=prefetch_batches,
-        local_shuffle_buffer_size=shuffle_buffer,
-    )
-    taken = capped = 0
-    for batch in batches:
-        if taken == steps:
-            continue  # drain: rows beyond the planned steps are not trained on
-        taken += 1
-        capped += int(np.sum(batch["num_boxes_capped"]))
-        yield to_model_inputs(batch, device)
-    if taken < steps:
-        raise RuntimeError(
-            f"data ran out after {taken} of {steps} planned steps; every rank must run the same number"
-        )
-    if capped:
-        log.warning("%d boxes dropped this epoch by the max_boxes cap", capped)
+
+    def __init__(
+        self,
+        iterator: Any,
+        *,
+        batch_size: int,
+        steps: int,
+        device: torch.device | str = "cpu",
+        prefetch_batches: int = 2,
+        shuffle_buffer: int | None = None,
+    ) -> None:
+        if steps < 1:
+            raise ValueError(f"an epoch needs at least one step, got {steps}")
+        self.steps = steps
+        self._iter_kwargs = {
+            "batch_size": batch_size,
+            "batch_format": "numpy",
+            "drop_last": True,
+            "prefetch_batches": prefetch_batches,
+            "local_shuffle_buffer_size": shuffle_buffer,
+        }
+        self._iterator, self._device = iterator, device
+        self._batches = self._endless()
+
+    def _endless(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            delivered = 0
+            for batch in self._iterator.iter_batches(**self._iter_kwargs):
+                delivered += 1
+                yield batch
+            if delivered == 0:
+                raise RuntimeError(
+                    f"the training data delivered no batch of {self._iter_kwargs['batch_size']}: "
+                    "fewer images than workers x batch size?"
+                )
+
+    def close(self) -> None:
+        """End the current execution's iteration (before a ``ray.shutdown``, say)."""
+        self._batches.close()
+
+    def epoch(self) -> Iterator[Batch]:
+        """The next ``steps`` batches; boxes lost to the ``max_boxes`` cap are logged once."""
+        capped = 0
+        for _ in range(self.steps):
+            batch = next(self._batches)
+            capped += int(np.sum(batch["num_boxes_capped"]))
+            yield to_model_inputs(batch, self._device)
+        if capped:
+            log.warning("%d boxes dropped this epoch by the max_boxes cap", capped)
 
 
-def iter_train_batches(
+def train_epochs(
     data_cfg: DataConfig,
     *,
     num_images: int,
     dataset_name: str = "train",
     device: torch.device | str = "cpu",
     shuffle_buffer: int | None = None,
-) -> Iterator[tuple[torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]]:
-    """Inside a Ray Train worker: this rank's batches for one epoch, the same count on every rank.
+) -> EpochStream:
+    """Inside a Ray Train worker: this rank's :class:`EpochStream`, the same steps per epoch on every rank.
 
     ``num_images`` is the manifest's ``num_images`` of the split the trainer was
-    given as ``datasets={dataset_name: build_dataset(...)}``. Call once per epoch.
+    given as ``datasets={dataset_name: build_dataset(...)}``. Create it once and
+    call ``.epoch()`` for each epoch.
     """
     import ray.train
 
     context = ray.train.get_context()
-    steps = steps_per_epoch(num_images, context.get_world_size(), data_cfg.batch_size)
-    yield from iter_batches_for_steps(
+    return EpochStream(
         ray.train.get_dataset_shard(dataset_name),
         batch_size=data_cfg.batch_size,
-        steps=steps,
+        steps=steps_per_epoch(num_images, context.get_world_size(), data_cfg.batch_size),
         device=device,
         prefetch_batches=data_cfg.prefetch_batches,
         shuffle_buffer=shuffle_buffer,

@@ -379,7 +379,7 @@ def build_trainer(
 
     DataContext.get_current().enable_progress_bars = False  # the driver shows one bar, ours
     seed = cfg.training.seed
-    datasets = {"train": build_dataset(plan.train_dir, cfg.data, train=True, seed=seed)}
+    datasets = {"train": build_dataset(plan.train_dir, cfg.data, train=True, seed=seed, max_passes=cfg.training.epochs)}
     if plan.val_dir:
         datasets["val"] = build_dataset(plan.val_dir, cfg.data, train=False, seed=seed)
     training = cfg.training

@@ -72,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     forward_worker_warnings(plan.get("progress_queue"), rank)
 
     from anchorless.detectors import build_detector
-    from anchorless.platform.data import iter_batches_for_steps
+    from anchorless.platform.data import EpochStream
 
     engine, scheduler = build_engine(
         build_detector(cfg.detector).to(device), plan["deepspeed_config"], training.schedule, plan["total_steps"]
@@ -109,20 +109,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     images_per_step = cfg.data.batch_size * world_size
     budget_s = training.time_budget_minutes * 60.0 if training.time_budget_minutes else None
     out_of_time = False
+    # One stream for the whole run: with the split cached, a Ray Data execution spans many epochs.
+    stream = EpochStream(
+        train_shard,
+        batch_size=cfg.data.batch_size,
+        steps=plan["micro_steps_per_epoch"],  # the same on every rank
+        device=device,
+        prefetch_batches=cfg.data.prefetch_batches,
+    )
     for epoch in range(state.epoch, training.epochs):
         state.loss_sums, state.micro_steps = {}, 0
         epoch_start = window_start = tick = time.perf_counter()
         window_steps = 0
-        batches = _timed(
-            iter_batches_for_steps(
-                train_shard,
-                batch_size=cfg.data.batch_size,
-                steps=plan["micro_steps_per_epoch"],  # the same on every rank
-                device=device,
-                prefetch_batches=cfg.data.prefetch_batches,
-            ),
-            state,
-        )
+        batches = _timed(stream.epoch(), state)
         for images, targets, _ in batches:
             losses = engine(images, targets)
             step = engine.global_steps + 1

@@ -12,9 +12,11 @@ import torch
 
 from anchorless.platform.config import AugmentConfig, DataConfig
 from anchorless.platform.data import (
+    EpochStream,
     decode_and_transform,
-    iter_batches_for_steps,
+    passes_per_execution,
     steps_per_epoch,
+    stream_pass_order,
     to_model_inputs,
 )
 from anchorless.platform.shards import coco_ground_truth, write_shards
@@ -88,14 +90,16 @@ def test_steps_per_epoch_is_what_every_rank_can_run(num_images, world_size, batc
 
 
 class _FakeIterator:
+    """A DataIterator whose every execution yields ``num_batches`` batches."""
+
     def __init__(self, num_batches: int) -> None:
         self.num_batches = num_batches
-        self.consumed = 0
+        self.executions = 0
 
     def iter_batches(self, **kwargs):
         assert kwargs["drop_last"] is True
+        self.executions += 1
         for index in range(self.num_batches):
-            self.consumed += 1
             yield {
                 "image": np.zeros((2, 3, 32, 32), np.uint8),
                 "boxes": np.zeros((2, 4, 4), np.float32),
@@ -103,15 +107,43 @@ class _FakeIterator:
                 "num_boxes": np.zeros(2, np.int32),
                 "num_boxes_capped": np.array([index, 0], np.int32),
                 "image_id": np.array([2 * index, 2 * index + 1]),
+                "epoch": np.full(2, self.executions),
             }
 
 
-def test_iteration_yields_exactly_the_planned_steps_and_drains_the_epoch() -> None:
+def test_epochs_are_cut_from_one_stream_that_runs_on_across_executions() -> None:
     fake = _FakeIterator(5)
-    assert len(list(iter_batches_for_steps(fake, batch_size=2, steps=3))) == 3
-    assert fake.consumed == 5  # drained, so Ray sees the epoch finish
-    with pytest.raises(RuntimeError, match="data ran out after 2 of 3 planned steps"):
-        list(iter_batches_for_steps(_FakeIterator(2), batch_size=2, steps=3))
+    stream = EpochStream(fake, batch_size=2, steps=3)
+    epochs = [[meta for _, _, meta in stream.epoch()] for _ in range(4)]
+    assert [len(metas) for metas in epochs] == [3, 3, 3, 3]
+    # 12 batches from executions of 5: nothing dropped at an epoch's end, the next execution started twice
+    assert fake.executions == 3
+    ids = [meta["image_id"][0].item() for metas in epochs for meta in metas]
+    assert ids == [0, 2, 4, 6, 8, 0, 2, 4, 6, 8, 0, 2]
+    # an epoch left early resumes where it stopped
+    partial = stream.epoch()
+    next(partial)
+    assert next(stream.epoch())[2]["image_id"][0].item() == 6
+
+
+def test_a_stream_with_no_batch_fails_with_a_message() -> None:
+    with pytest.raises(RuntimeError, match="delivered no batch of 2"):
+        next(EpochStream(_FakeIterator(0), batch_size=2, steps=3).epoch())
+    with pytest.raises(ValueError, match="at least one step"):
+        EpochStream(_FakeIterator(1), batch_size=2, steps=0)
+
+
+@pytest.mark.parametrize("num_images, stream_rows, passes", [(205, 4096, 20), (4096, 4096, 1), (100_000, 4096, 1), (23, 100, 5)])
+def test_a_cached_stream_spans_about_stream_rows(num_images, stream_rows, passes) -> None:
+    assert passes_per_execution(num_images, stream_rows) == passes
+    assert passes_per_execution(num_images, stream_rows, max_passes=3) == min(passes, 3)  # a run's epochs
+
+
+def test_each_pass_visits_every_block_once_in_its_own_order() -> None:
+    orders = [stream_pass_order(7, data_pass, 10) for data_pass in range(3)]
+    assert all(sorted(order.tolist()) == list(range(10)) for order in orders)
+    assert len({tuple(order.tolist()) for order in orders}) == 3
+    assert np.array_equal(stream_pass_order(7, 1, 10), orders[1])
 
 
 # --- with Ray ------------------------------------------------------------------------------------
@@ -156,56 +188,60 @@ def test_ray_dataset_streams_every_image_once_with_targets_matching_the_ground_t
 
 
 def _report_batches(config: dict) -> None:
-    """Ray Train loop: record each epoch's batches, image ids and Ray Data epoch on this rank."""
+    """Ray Train loop: record each epoch's batches, image ids and augmentation passes on this rank."""
     import ray.train
 
     from anchorless.platform.config import DataConfig
-    from anchorless.platform.data import iter_train_batches
+    from anchorless.platform.data import train_epochs
 
     cfg = DataConfig(**config["data"])
+    stream = train_epochs(cfg, num_images=config["num_images"])
     record = []
-    for _ in range(2):
-        batches, ids, epochs = 0, [], set()
-        for images, targets, meta in iter_train_batches(cfg, num_images=config["num_images"]):
+    for _ in range(config["epochs"]):
+        batches, rows = 0, []
+        for images, targets, meta in stream.epoch():
             assert images.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
             assert len(targets) == cfg.batch_size
             batches += 1
-            ids += meta["image_id"].tolist()
-            epochs |= set(meta["epoch"].tolist())
-        record.append({"batches": batches, "ids": ids, "epochs": sorted(epochs)})
+            rows += list(zip(meta["image_id"].tolist(), meta["epoch"].tolist()))
+        record.append({"batches": batches, "rows": rows})
     rank = ray.train.get_context().get_world_rank()
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(record))
 
 
 @pytest.mark.slow
-def test_two_train_workers_run_the_same_number_of_batches_on_an_odd_image_count(ray_local, synth_shards, tmp_path) -> None:
+@pytest.mark.parametrize("stream_rows", [1, 92], ids=["one-pass-per-execution", "four-passes-per-execution"])
+def test_two_train_workers_run_the_same_number_of_batches_on_an_odd_image_count(
+    ray_local, synth_shards, tmp_path, stream_rows
+) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from anchorless.platform.data import build_dataset
 
     shard_dir, manifest = synth_shards
-    cfg = DataConfig(image_size=64, batch_size=4)
+    cfg = DataConfig(image_size=64, batch_size=4, cache_encoded="always", stream_rows=stream_rows)
+    epochs = 6
     trainer = TorchTrainer(
         _report_batches,
-        train_loop_config={"data": cfg.model_dump(), "num_images": manifest["num_images"], "out": str(tmp_path)},
+        train_loop_config={"data": cfg.model_dump(), "num_images": manifest["num_images"], "out": str(tmp_path), "epochs": epochs},
         scaling_config=ScalingConfig(num_workers=2),
         datasets={"train": build_dataset(shard_dir, cfg, train=True, block_rows=4)},
         run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="equal-steps"),
     )
     trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    expected = steps_per_epoch(23, 2, 4)  # 11 rows per rank -> 2 full batches
+    expected = steps_per_epoch(23, 2, 4)  # 11 rows per rank and pass -> 2 full batches
     assert expected == 2
-    for epoch in (0, 1):
-        assert [rank[epoch]["batches"] for rank in ranks] == [expected, expected]
-        ids = [set(rank[epoch]["ids"]) for rank in ranks]
-        assert len(ids[0]) == len(ids[1]) == expected * 4 and not ids[0] & ids[1]
-    # Ray Data's execution index moved on by one: the second epoch draws new augmentations
-    (first,), (second,) = ranks[0][0]["epochs"], ranks[0][1]["epochs"]
-    assert second == first + 1
-    assert [rank[0]["epochs"] for rank in ranks] == [[first], [first]]
-    assert [rank[1]["epochs"] for rank in ranks] == [[second], [second]]
+    assert [[epoch["batches"] for epoch in rank] for rank in ranks] == [[expected] * epochs] * 2
+    rows = [tuple(row) for rank in ranks for epoch in rank for row in epoch["rows"]]
+    passes: dict[int, list[int]] = {}
+    for image_id, data_pass in rows:
+        passes.setdefault(data_pass, []).append(image_id)
+    # no image twice in a pass, across both ranks; passes (augmentation seeds) count on across executions
+    assert all(len(ids) == len(set(ids)) for ids in passes.values())
+    assert set(range(4)) <= set(passes) and max(passes) >= 4  # 96 rows consumed, 23 per pass
+    assert all(image_id in {image["id"] for image in coco_ground_truth(shard_dir)["images"]} for image_id, _ in rows)
 
 
 def test_grayscale_and_png_images_decode_to_three_channels(tmp_path, make_coco) -> None:

@@ -16,8 +16,9 @@ augmentations + letterbox from ``transforms.py``), pack fixed-shape batches with
 
 The sides run in turns (ours, peer, ours, peer for two rounds), never at the
 same time: a pipeline that keeps decoding ahead while the other is timed would
-take CPU from it. Each turn builds its pipeline, runs one warm-up epoch (worker
-start-up, imports), times ``--epochs`` epochs and shuts it down. The headline
+take CPU from it. Each turn is a fresh process that builds its pipeline, runs
+one warm-up epoch (worker start-up, imports), times ``--epochs`` epochs and
+exits. The headline
 is images over seconds across all timed epochs, so every epoch start counts:
 the DataLoader's persistent workers refill at each, ours starts a new Ray Data
 execution every ``data.stream_rows`` rows (every 20 epochs of BCCD train, so a
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +68,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="CPU workers on each side")
     parser.add_argument("--epochs", type=int, default=20, help="timed epochs per turn of each side")
     parser.add_argument("--rounds", type=int, default=2, help="turns of each side, alternating (ours, peer, ours, ...)")
-    parser.add_argument("--block-rows", type=int, default=None, help="rows per Ray decode task (default: the module's)")
+    parser.add_argument("--block-rows", type=int, default=None, help="rows per Ray decode block (default: the module's)")
+    # One turn, run by the bench itself in a fresh process:
+    parser.add_argument("--turn", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--turn-shards", help=argparse.SUPPRESS)
+    parser.add_argument("--turn-annotations", help=argparse.SUPPRESS)
+    parser.add_argument("--turn-images", type=int, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -181,14 +188,39 @@ def timed(epoch) -> tuple[int, float]:
     return seen, time.perf_counter() - start
 
 
-def turn(name: str, build, args: argparse.Namespace) -> list[tuple[int, float]]:
-    """Build a pipeline, warm it up one epoch, time ``args.epochs`` epochs, shut it down."""
-    epoch, close = build()
+def turn(side: str, shard_dir: Path, num_images: int, cfg: DataConfig, args: argparse.Namespace) -> list[tuple[int, float]]:
+    """In this (fresh) process: build one side's pipeline, warm it up one epoch, time ``args.epochs`` epochs."""
+    if side == "ours":
+        import ray
+
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        epoch = ray_epochs(shard_dir, num_images, cfg, args)
+        close = epoch.close
+    else:
+        epoch, close = dataloader_epochs(Path(args.bccd), cfg, args)
     timed(epoch)
     epochs = [timed(epoch) for _ in range(args.epochs)]
     close()
+    return epochs
+
+
+def turn_in_fresh_process(side: str, shard_dir: Path, num_images: int, args: argparse.Namespace) -> list[tuple[int, float]]:
+    """One turn in its own process: nothing of the other side (Ray's workers, a loader's) outlives it."""
+    command = [
+        sys.executable, __file__, "--bccd", args.bccd, "--split", args.split, "--image-size", str(args.image_size),
+        "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--epochs", str(args.epochs),
+        "--turn", side, "--turn-shards", str(shard_dir), "--turn-annotations", str(args.annotations),
+        "--turn-images", str(num_images),
+    ]  # fmt: skip
+    if args.block_rows:
+        command += ["--block-rows", str(args.block_rows)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"the {side} turn failed:\n{done.stderr[-3000:]}")
+    epochs = [tuple(epoch) for epoch in json.loads(done.stdout.strip().splitlines()[-1])]
     images, seconds = sum(n for n, _ in epochs), sum(t for _, t in epochs)
-    print(f"  {name}: {images / seconds:.1f} img/s over {args.epochs} epochs", flush=True)
+    print(f"  {side}: {images / seconds:.1f} img/s over {args.epochs} epochs", flush=True)
     return epochs
 
 
@@ -218,29 +250,22 @@ def main() -> None:
         sys.exit(f"BCCD not found at {bccd} (pass --bccd or set ANCHORLESS_BCCD)")
     cfg = DataConfig(image_size=args.image_size, batch_size=args.batch_size, decode_concurrency=args.workers)
 
-    import ray
-
-    def ours_build():
-        ray.shutdown()  # a fresh Ray per turn (sharding may have started one)
-        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        epoch = ray_epochs(shard_dir, manifest["num_images"], cfg, args)
-
-        def close() -> None:
-            epoch.close()
-            ray.shutdown()
-
-        return epoch, close
+    if args.turn:
+        args.annotations = args.turn_annotations
+        print(json.dumps(turn(args.turn, Path(args.turn_shards), args.turn_images, cfg, args)))
+        return
 
     ours_epochs, peer_epochs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         args.annotations = _annotations(bccd, args.split, Path(tmp))
         shard_dir = Path(tmp) / "shards"
         manifest = write_shards(args.annotations, bccd / "images", shard_dir, progress=False)
+        import ray
+
+        ray.shutdown()  # sharding may have started one; the turns bring their own
         for _ in range(args.rounds):
-            ours_epochs += turn("ours", ours_build, args)
-            peer_epochs += turn("peer", lambda: dataloader_epochs(bccd, cfg, args), args)
-    ray.shutdown()
+            ours_epochs += turn_in_fresh_process("ours", shard_dir, manifest["num_images"], args)
+            peer_epochs += turn_in_fresh_process("peer", shard_dir, manifest["num_images"], args)
 
     def rate(epochs: list[tuple[int, float]]) -> float:
         return sum(n for n, _ in epochs) / sum(t for _, t in epochs)

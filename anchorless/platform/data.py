@@ -183,6 +183,8 @@ def _multi_pass_stream(
 
     blocks = [ref for bundle in cached.iter_internal_ref_bundles() for ref in bundle.block_refs]
     items = passes * len(blocks)
+    # A short stream still gets a few tasks per CPU, or one task would decode it all.
+    blocks_per_task = max(1, min(blocks_per_task, items // (2 * max(1, int(ray.cluster_resources().get("CPU", 1))))))
     return ray.data.range(items, override_num_blocks=-(-items // blocks_per_task)).map_batches(
         _decode_stream_items,
         batch_size=None,

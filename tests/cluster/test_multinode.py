@@ -217,9 +217,13 @@ def test_a_run_survives_losing_a_node_and_resumes_from_its_checkpoint_on_a_fresh
     spe = plan.steps_per_epoch
     assert summary["epoch"] == EPOCHS_SURVIVING and summary["step"] == EPOCHS_SURVIVING * spe
     assert _registered(signal)[-1].startswith(f"checkpoint_epoch{EPOCHS_SURVIVING:04d}_")
-    # ... and resumed from epoch 1's checkpoint rather than from scratch: each epoch ended once
-    # (MLflow's `epoch`), and epoch 1's optimizer steps were logged once.
-    assert [value for _, value in _history(summary, "epoch")] == [float(e) for e in range(1, EPOCHS_SURVIVING + 1)]
+    # ... and resumed from epoch 1's checkpoint rather than from scratch: epoch 1 ended once
+    # (MLflow's `epoch`) and its optimizer steps were logged once. The epoch in flight when
+    # the node went may have ended before the loss showed (its checkpoint unregistered); it
+    # then ran again from epoch 1's checkpoint: at most that one epoch ends twice.
+    ended = [value for _, value in _history(summary, "epoch")]
+    assert ended.count(1.0) == 1 and sorted(set(ended)) == [float(e) for e in range(1, EPOCHS_SURVIVING + 1)], ended
+    assert ended == sorted(ended) and len(ended) - len(set(ended)) <= 1, ended
     assert [step for step, _ in _history(summary, "loss") if step <= spe] == list(range(1, spe + 1))
 
     # Two worker groups: the first had a worker on the removed node; the replacement ran on

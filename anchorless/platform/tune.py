@@ -276,6 +276,10 @@ def _run_trial(params: dict[str, Any], campaign_path: str, campaign_overrides: l
     run_name = cfg.tracking.run_name = trial_run_name(campaign.spec.name, trial_id)
     # Trials log their model; only the campaign's best is registered.
     cfg.tracking.registered_model = None
+    if campaign.spec.scheduler.kind == "pbt":
+        # PBT may start another trial from any checkpoint this one reported, later than
+        # Ray Train's keep_best would delete it (a fast donor is epochs ahead): keep them all.
+        cfg.training.checkpoint.keep_best = max(cfg.training.checkpoint.keep_best, cfg.training.epochs)
     tags = {TAG_TRIAL: trial_id, TAG_CAMPAIGN: campaign.spec.name}
     start_from = None
     checkpoint = ray.tune.get_checkpoint()

@@ -222,7 +222,7 @@ def _should_cache(manifest: dict[str, Any], mode: str) -> bool:
 
 
 def _execution_epoch() -> int:
-    """Ray Data's execution index of the running dataset: 0, 1, 2... per epoch.
+    """Ray Data's execution index of the running dataset: 0, 1, 2... per execution (not per epoch).
 
     A private attribute, but the one Ray's own seeded shuffles and random()
     expressions read; 0 when it is not there.

@@ -24,6 +24,9 @@ With ``scheduler: {kind: pbt, perturbation_interval: N, quantile_fraction: F}`` 
 trials are a population: every N checkpointed epochs the bottom fraction F continues
 from a copy of a top trial's checkpoint, with that trial's hyperparameters perturbed
 (:func:`to_pbt_mutations`) and kept inside the searched ranges (:class:`KeepInRange`).
+``synch: true`` makes every exploit wait until all trials reached that epoch, so a
+trial that runs ahead (or alone, when the cluster fits fewer trials than the
+population) is always compared with the whole population.
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ class SchedulerConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1.0, description="ASHA: keep 1/reduction_factor at each rung")
     perturbation_interval: int = Field(2, ge=1, description="PBT: epochs between exploit/explore steps")
     quantile_fraction: float = Field(0.25, gt=0.0, le=0.5, description="PBT: bottom fraction that copies the top")
+    synch: bool = Field(
+        False,
+        description="PBT: exploit only once every trial reached the perturbation epoch (trials ahead wait, paused); "
+        "otherwise each trial is compared with the others' latest results as it reports",
+    )
 
 
 class CampaignConfig(_Strict):

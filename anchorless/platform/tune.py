@@ -105,6 +105,7 @@ def _scheduler(campaign: Campaign) -> Any:
             hyperparam_mutations=to_pbt_mutations(spec.search_space),
             custom_explore_fn=KeepInRange(spec.search_space),
             quantile_fraction=spec.scheduler.quantile_fraction,
+            synch=spec.scheduler.synch,
         )
     return FIFOScheduler()
 

@@ -135,6 +135,11 @@ class TrainingConfig(_Section):
         "fp32", description="bf16/fp16 need use_gpu; fp32 is the only CPU choice"
     )
     zero_stage: Literal[0, 1, 2] = 0
+    sync_batchnorm: bool = Field(
+        False,
+        description="BatchNorm statistics over the global batch (torch SyncBatchNorm) rather than each "
+        "worker's share; needs use_gpu (torch syncs only GPU tensors)",
+    )
     grad_clip: float | None = Field(1.0, gt=0.0, description="max gradient norm; None disables")
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -157,6 +162,8 @@ class TrainingConfig(_Section):
     def _precision_needs_gpu(self) -> "TrainingConfig":
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision={self.precision} needs use_gpu=true; on CPU use fp32")
+        if self.sync_batchnorm and not self.use_gpu:
+            raise ValueError("sync_batchnorm=true needs use_gpu=true (torch's SyncBatchNorm syncs GPU tensors only)")
         return self
 
 

@@ -74,9 +74,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from anchorless.detectors import build_detector
     from anchorless.platform.data import EpochStream
 
-    engine, scheduler = build_engine(
-        build_detector(cfg.detector).to(device), plan["deepspeed_config"], training.schedule, plan["total_steps"]
-    )
+    model = build_detector(cfg.detector)
+    if training.sync_batchnorm and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    engine, scheduler = build_engine(model.to(device), plan["deepspeed_config"], training.schedule, plan["total_steps"])
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     started_elsewhere = checkpoint is None and plan.get("start_checkpoint") is not None

@@ -84,6 +84,25 @@ def test_half_precision_on_cpu_is_refused():
     assert cfg.training.precision == "bf16"
 
 
+def test_sync_batchnorm_on_cpu_is_refused_before_any_worker_starts():
+    with pytest.raises(ConfigError, match=r"sync_batchnorm=true needs use_gpu"):
+        load_config(None, ["training.sync_batchnorm=true"])
+    assert load_config(None, ["training.sync_batchnorm=true", "training.use_gpu=true"]).training.sync_batchnorm
+
+
+def test_sync_batchnorm_conversion_keeps_every_weight():
+    import torch
+
+    from anchorless.detectors import build_detector
+
+    cfg = load_config(None, ["detector.backbone.norm=bn"])
+    model = build_detector(cfg.detector)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_detector(cfg.detector))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    assert model.state_dict().keys() == synced.state_dict().keys()  # checkpoints stay interchangeable
+
+
 def test_malformed_override_and_missing_file_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="expected key.path=value"):
         parse_overrides(["training.epochs"])

@@ -146,7 +146,7 @@ def test_a_donor_checkpoint_brings_weights_and_step_but_the_new_lr_and_weight_de
 
 # --- a real campaign ------------------------------------------------------------------------------
 
-EPOCHS = 3
+EPOCHS = 2  # the exploit at epoch 1, then one epoch on from it
 BAD_LR, GOOD_LR = 1.0e-7, 3.0e-3
 SCHEDULE = {"warmup_steps": 2, "min_lr_ratio": 0.5}  # cosine to half the LR: every step's LR tells which LR it is
 

@@ -442,6 +442,12 @@ class EpochStream:
     batch). An epoch is a step count, not an execution: with several passes per
     execution (see :func:`build_dataset`) epochs just follow each other, and a
     stream abandoned early (a time budget, a restart) costs nothing more.
+
+    :meth:`close` ends the execution in flight (on every rank, for Ray Data to
+    shut it down); the next :meth:`epoch` starts a new one. Training closes it
+    before each evaluation: the in-flight execution's decode tasks, paused by
+    backpressure, keep their CPU slots, and the validation stream could not
+    schedule a task (seen as a hang with 416 px images on two cores).
     """
 
     def __init__(
@@ -465,14 +471,18 @@ class EpochStream:
             "local_shuffle_buffer_size": shuffle_buffer,
         }
         self._iterator, self._device = iterator, device
-        self._batches = self._endless()
+        self._batches: Iterator[dict[str, np.ndarray]] | None = None
 
     def _endless(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
             delivered = 0
-            for batch in self._iterator.iter_batches(**self._iter_kwargs):
-                delivered += 1
-                yield batch
+            batches = iter(self._iterator.iter_batches(**self._iter_kwargs))  # Ray gives an iterable of a generator
+            try:
+                for batch in batches:
+                    delivered += 1
+                    yield batch
+            finally:
+                batches.close()  # now, not at garbage collection: Ray Data then ends this split's execution
             if delivered == 0:
                 raise RuntimeError(
                     f"the training data delivered no batch of {self._iter_kwargs['batch_size']}: "
@@ -480,14 +490,21 @@ class EpochStream:
                 )
 
     def close(self) -> None:
-        """End the current execution's iteration (before a ``ray.shutdown``, say)."""
-        self._batches.close()
+        """End the execution in flight, if any; the next batch starts a new one."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
+        if self._batches is None:
+            self._batches = self._endless()
+        return next(self._batches)
 
     def epoch(self) -> Iterator[Batch]:
         """The next ``steps`` batches; boxes lost to the ``max_boxes`` cap are logged once."""
         capped = 0
         for _ in range(self.steps):
-            batch = next(self._batches)
+            batch = self._next_batch()
             capped += int(np.sum(batch["num_boxes_capped"]))
             yield to_model_inputs(batch, self._device)
         if capped:

@@ -317,6 +317,21 @@ def connect_ray(address: str | None, cfg: ExperimentConfig, *, verbose: bool = F
     return True
 
 
+def _epochs_between_evaluations(cfg: ExperimentConfig, plan: RunPlan) -> int:
+    """Epochs the training stream runs before the workers stop it to evaluate (and at most the run's).
+
+    Every evaluation ends the training stream's Ray Data execution (see ``EpochStream``),
+    discarding what it decoded ahead, so one execution need not cover more passes than that.
+    """
+    epochs = [cfg.training.epochs, cfg.training.checkpoint.every_epochs]  # a checkpoint is always scored
+    if plan.val_dir:
+        epochs.append(cfg.evaluation.every_epochs)
+    if plan.val_dir and cfg.evaluation.every_steps:
+        micro_steps = cfg.evaluation.every_steps * cfg.training.grad_accum
+        epochs.append(max(1, micro_steps // max(1, plan.micro_steps_per_epoch)))
+    return max(1, min(epochs))
+
+
 def _check_cluster(cfg: ExperimentConfig) -> None:
     import ray
 
@@ -379,7 +394,7 @@ def build_trainer(
 
     DataContext.get_current().enable_progress_bars = False  # the driver shows one bar, ours
     seed = cfg.training.seed
-    datasets = {"train": build_dataset(plan.train_dir, cfg.data, train=True, seed=seed, max_passes=cfg.training.epochs)}
+    datasets = {"train": build_dataset(plan.train_dir, cfg.data, train=True, seed=seed, max_passes=_epochs_between_evaluations(cfg, plan))}
     if plan.val_dir:
         datasets["val"] = build_dataset(plan.val_dir, cfg.data, train=False, seed=seed)
     training = cfg.training

@@ -159,6 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 if out_of_time:
                     break
             if cfg.evaluation.every_steps and engine.global_steps % cfg.evaluation.every_steps == 0:
+                if val_shard is not None:
+                    stream.close()  # its paused decode tasks hold CPU slots the validation stream needs
                 ray.train.report(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
                 tick = time.perf_counter()
 
@@ -181,6 +183,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         save = last or state.epoch % training.checkpoint.every_epochs == 0
         if save or state.epoch % cfg.evaluation.every_epochs == 0:
             # A checkpoint is always scored: Ray Train keeps the best ones by that score.
+            if val_shard is not None:
+                stream.close()  # its paused decode tasks hold CPU slots the validation stream needs
             metrics.update(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
         if not save:
             ray.train.report(metrics)

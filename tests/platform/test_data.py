@@ -89,16 +89,35 @@ def test_steps_per_epoch_is_what_every_rank_can_run(num_images, world_size, batc
     assert steps_per_epoch(num_images, world_size, batch_size) == steps
 
 
+class _Iterable:
+    def __init__(self, make_iterator) -> None:
+        self.make_iterator = make_iterator
+
+    def __iter__(self):
+        return self.make_iterator()
+
+
 class _FakeIterator:
     """A DataIterator whose every execution yields ``num_batches`` batches."""
 
     def __init__(self, num_batches: int) -> None:
         self.num_batches = num_batches
         self.executions = 0
+        self.ended = 0  # executions whose iteration was closed or ran out
 
     def iter_batches(self, **kwargs):
+        """Like Ray's DataIterator: an iterable (not an iterator) over one execution."""
         assert kwargs["drop_last"] is True
+        return _Iterable(self._execution)
+
+    def _execution(self):
         self.executions += 1
+        try:
+            yield from self._batches()
+        finally:
+            self.ended += 1
+
+    def _batches(self):
         for index in range(self.num_batches):
             yield {
                 "image": np.zeros((2, 3, 32, 32), np.uint8),
@@ -124,6 +143,18 @@ def test_epochs_are_cut_from_one_stream_that_runs_on_across_executions() -> None
     partial = stream.epoch()
     next(partial)
     assert next(stream.epoch())[2]["image_id"][0].item() == 6
+
+
+def test_closing_a_stream_ends_its_execution_at_once_and_the_next_epoch_starts_a_new_one() -> None:
+    fake = _FakeIterator(5)
+    stream = EpochStream(fake, batch_size=2, steps=3)
+    assert [meta["image_id"][0].item() for _, _, meta in stream.epoch()] == [0, 2, 4]
+    assert (fake.executions, fake.ended) == (1, 0)  # in flight
+    stream.close()  # before an evaluation: Ray Data must be told now, not at garbage collection
+    assert (fake.executions, fake.ended) == (1, 1)
+    stream.close()  # nothing in flight: no-op
+    assert [meta["image_id"][0].item() for _, _, meta in stream.epoch()] == [0, 2, 4]
+    assert (fake.executions, fake.ended) == (2, 1)
 
 
 def test_a_stream_with_no_batch_fails_with_a_message() -> None:

@@ -156,3 +156,25 @@ def test_an_unreachable_tracking_store_is_a_clear_error_before_ray_starts(tmp_pa
     with pytest.raises(TrackingError, match=r"http://127.0.0.1:9 is not reachable"):
         train(cfg)
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "val_dir", "expected"),
+    [
+        ([], "val", 1),  # evaluated every epoch
+        (["evaluation.every_epochs=5", "training.checkpoint.every_epochs=10"], "val", 5),
+        (["evaluation.every_epochs=5", "training.checkpoint.every_epochs=2"], "val", 2),  # a checkpoint is scored too
+        (["evaluation.every_epochs=5", "training.checkpoint.every_epochs=10"], None, 10),  # nothing to score
+        (["evaluation.every_epochs=50", "training.checkpoint.every_epochs=50"], "val", 12),  # the run's epochs
+        (["evaluation.every_epochs=50", "training.checkpoint.every_epochs=50", "evaluation.every_steps=30"], "val", 3),
+    ],
+)
+def test_the_training_stream_spans_no_more_epochs_than_lie_between_evaluations(overrides, val_dir, expected):
+    from types import SimpleNamespace
+
+    from anchorless.platform.config import apply_overrides
+    from anchorless.platform.train import _epochs_between_evaluations
+
+    cfg = build_config(apply_overrides({"training": {"epochs": 12}}, overrides), source="test")
+    plan = SimpleNamespace(val_dir=val_dir, micro_steps_per_epoch=10)
+    assert _epochs_between_evaluations(cfg, plan) == expected

@@ -159,7 +159,7 @@ class TrainingConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _precision_needs_gpu(self) -> "TrainingConfig":
+    def _gpu_only_options(self) -> "TrainingConfig":
         if self.precision != "fp32" and not self.use_gpu:
             raise ValueError(f"precision={self.precision} needs use_gpu=true; on CPU use fp32")
         if self.sync_batchnorm and not self.use_gpu:

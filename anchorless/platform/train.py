@@ -326,9 +326,9 @@ def _epochs_between_evaluations(cfg: ExperimentConfig, plan: RunPlan) -> int:
     epochs = [cfg.training.epochs, cfg.training.checkpoint.every_epochs]  # a checkpoint is always scored
     if plan.val_dir:
         epochs.append(cfg.evaluation.every_epochs)
-    if plan.val_dir and cfg.evaluation.every_steps:
-        micro_steps = cfg.evaluation.every_steps * cfg.training.grad_accum
-        epochs.append(max(1, micro_steps // max(1, plan.micro_steps_per_epoch)))
+        if cfg.evaluation.every_steps:
+            micro_steps = cfg.evaluation.every_steps * cfg.training.grad_accum
+            epochs.append(max(1, micro_steps // max(1, plan.micro_steps_per_epoch)))
     return max(1, min(epochs))
 
 

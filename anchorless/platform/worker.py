@@ -118,6 +118,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         device=device,
         prefetch_batches=cfg.data.prefetch_batches,
     )
+
+    def evaluate(epoch: int) -> dict[str, Any]:
+        if val_shard is not None:
+            stream.close()  # its paused decode tasks hold CPU slots the validation stream needs
+        return _evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch)
+
     for epoch in range(state.epoch, training.epochs):
         state.loss_sums, state.micro_steps = {}, 0
         epoch_start = window_start = tick = time.perf_counter()
@@ -159,9 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 if out_of_time:
                     break
             if cfg.evaluation.every_steps and engine.global_steps % cfg.evaluation.every_steps == 0:
-                if val_shard is not None:
-                    stream.close()  # its paused decode tasks hold CPU slots the validation stream needs
-                ray.train.report(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
+                ray.train.report(evaluate(epoch))
                 tick = time.perf_counter()
 
         train_seconds = time.perf_counter() - epoch_start
@@ -183,9 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         save = last or state.epoch % training.checkpoint.every_epochs == 0
         if save or state.epoch % cfg.evaluation.every_epochs == 0:
             # A checkpoint is always scored: Ray Train keeps the best ones by that score.
-            if val_shard is not None:
-                stream.close()  # its paused decode tasks hold CPU slots the validation stream needs
-            metrics.update(_evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch))
+            metrics.update(evaluate(epoch))
         if not save:
             ray.train.report(metrics)
             continue

@@ -26,7 +26,8 @@ from a copy of a top trial's checkpoint, with that trial's hyperparameters pertu
 (:func:`to_pbt_mutations`) and kept inside the searched ranges (:class:`KeepInRange`).
 ``synch: true`` makes every exploit wait until all trials reached that epoch, so a
 trial that runs ahead (or alone, when the cluster fits fewer trials than the
-population) is always compared with the whole population.
+population) is always compared with the whole population. A trial's last epoch is
+never a perturbation point: there is nothing left to train from a clone.
 """
 
 from __future__ import annotations

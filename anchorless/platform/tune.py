@@ -84,7 +84,7 @@ def _searcher(campaign: Campaign) -> Any:
 
 
 def _scheduler(campaign: Campaign) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     spec, epochs = campaign.spec, campaign.base.training.epochs
     if spec.scheduler.kind == "asha":
@@ -99,7 +99,10 @@ def _scheduler(campaign: Campaign) -> Any:
     if spec.scheduler.kind == "pbt":
         if spec.search.algorithm != "random":
             raise TuningError("scheduler.kind=pbt works with search.algorithm=random (PBT does its own search)")
-        return PopulationBasedTraining(
+        from anchorless.platform.pbt_scheduler import PopulationBasedTrainingToTheEnd
+
+        return PopulationBasedTrainingToTheEnd(
+            last_epoch=epochs,
             time_attr="epoch",
             perturbation_interval=spec.scheduler.perturbation_interval,
             hyperparam_mutations=to_pbt_mutations(spec.search_space),

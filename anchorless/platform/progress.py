@@ -9,6 +9,7 @@ into one bar (step, epoch, images/s, loss terms, ETA) and one line per evaluatio
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import warnings
 from typing import Any
@@ -54,6 +55,13 @@ def quiet_driver_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def token_auth_said_explicitly() -> None:
+    """Before starting a local Ray: token auth, Ray's own default for a new local cluster,
+    set explicitly, so that ``ray.init`` does not warn about it on every start (left
+    unset, Ray sets the same variable itself, with the warning)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def create_queue(maxsize: int = 0) -> Any:

@@ -79,6 +79,8 @@ class MinCostAssigner(nn.Module):
     minimum cost, independently, so two ground truths may take the same location;
     ``mode="hungarian"`` solves the one-to-one problem with scipy's linear_sum_assignment
     (DETR-style), which is what "min" approximates at a fraction of the cost.
+    :meth:`one_to_many` gives an auxiliary head several positives per object on the same
+    cost (dual assignment, as in DeFCN and YOLOv10).
 
     Args:
         cost_cls: weight of the focal-style classification cost.
@@ -168,6 +170,51 @@ class MinCostAssigner(nn.Module):
         if gt_boxes.shape[0] == 0:
             return self.solve(cls_logits.new_zeros(0, cls_logits.shape[0]))
         return self.solve(self.cost_matrix(cls_logits, pred_boxes, gt_boxes, gt_labels, image_size))
+
+
+    @torch.no_grad()
+    def one_to_many(
+        self,
+        cls_logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_labels: torch.Tensor,
+        image_size: tuple[int, int],
+        points: torch.Tensor,
+        topk: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The auxiliary one-to-many assignment on the same cost: each ground truth takes its
+        ``topk`` cheapest locations among those inside its box (its cheapest location
+        anywhere when none lies inside, e.g. a box smaller than a stride); a location two
+        ground truths claim keeps the cheaper. ``points`` (R, 2) are the locations' (x, y).
+
+        Returns (pred_idx (K,), gt_idx (K,)), ordered by location; K <= topk * M.
+        """
+        num_gt, num_points = gt_boxes.shape[0], points.shape[0]
+        if num_gt == 0 or num_points == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=points.device)
+            return empty, empty
+        cost = self.cost_matrix(cls_logits, pred_boxes, gt_boxes, gt_labels, image_size)  # (M, R)
+        x, y = points[:, 0], points[:, 1]  # (R,) each
+        inside = (
+            (x > gt_boxes[:, 0:1]) & (x < gt_boxes[:, 2:3]) & (y > gt_boxes[:, 1:2]) & (y < gt_boxes[:, 3:4])
+        )  # (M, R)
+        costs, pred_idx = cost.masked_fill(~inside, math.inf).topk(min(topk, num_points), dim=1, largest=False)  # (M, k)
+        keep = torch.isfinite(costs)  # (M, k)
+        outside_only = ~keep[:, 0]  # (M,)
+        pred_idx[outside_only, 0] = cost[outside_only].argmin(dim=1)
+        keep[:, 0] = True
+        gt_idx = torch.arange(num_gt, device=cost.device)[:, None].expand_as(pred_idx)[keep]  # (K,)
+        pred_idx = pred_idx[keep]  # (K,)
+        # One ground truth per location: sort by cost, then (stably) by location; the first
+        # of each location's run is its cheapest claim.
+        by_cost = cost[gt_idx, pred_idx].argsort()
+        gt_idx, pred_idx = gt_idx[by_cost], pred_idx[by_cost]
+        by_location = pred_idx.argsort(stable=True)
+        gt_idx, pred_idx = gt_idx[by_location], pred_idx[by_location]
+        first = torch.ones_like(pred_idx, dtype=torch.bool)
+        first[1:] = pred_idx[1:] != pred_idx[:-1]
+        return pred_idx[first], gt_idx[first]
 
 
 # --------------------------------------------------------------------------- FCOS

@@ -6,6 +6,12 @@ the single location of minimum cost (classification + L1 + GIoU, the same terms 
 weights as the loss), so classification learns one positive per object and inference is
 top-100 without NMS.
 
+Optionally (``head.one_to_many_topk`` > 0) a second, training-only head learns from a
+one-to-many assignment on the same cost (each object's k cheapest locations inside it),
+as DeFCN's auxiliary loss and YOLOv10's dual assignments do: the shared backbone and neck
+see k times the positives, which speeds up learning from scratch, while inference still
+reads the one-to-one head alone, top-k with no NMS.
+
 Shapes: B images, C classes, H x W the stride-4 map, R = H*W locations, M ground truths.
 """
 
@@ -49,6 +55,8 @@ class OneNetHead(nn.Module):
             regresses raw pixels (1); its FPN variant, like FCOS, multiplies by the stride.
             A conv must grow its output to ~30 for a 60 px object at scale 1, which from
             scratch takes hundreds of steps at a detection learning rate.
+        one_to_many_topk: 0 (OneNet), or the positives per object of an auxiliary
+            one-to-many head (its own layers on the same neck output; training only).
     """
 
     def __init__(
@@ -60,10 +68,13 @@ class OneNetHead(nn.Module):
         num_heads: int = 1,
         ltrb_init: float = 4.0,
         ltrb_scale: float = 1.0,
+        one_to_many_topk: int = 0,
     ) -> None:
         super().__init__()
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        if one_to_many_topk < 0:
+            raise ValueError(f"one_to_many_topk must be >= 0, got {one_to_many_topk}")
         if ltrb_scale <= 0:
             raise ValueError(f"ltrb_scale must be > 0, got {ltrb_scale}")
         self.ltrb_scale = ltrb_scale
@@ -77,6 +88,12 @@ class OneNetHead(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.constant_(self.ltrb_pred.bias, ltrb_init / ltrb_scale)
+        self.one_to_many_topk = one_to_many_topk
+        self.one_to_many = (
+            OneNetHead(in_channels, num_classes, prior_prob=prior_prob, ltrb_init=ltrb_init, ltrb_scale=ltrb_scale)
+            if one_to_many_topk
+            else None
+        )
 
     def predict(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, D, H, W) -> class logits (B, C, H, W), ltrb distances >= 0 in pixels (B, 4, H, W)."""
@@ -99,6 +116,7 @@ class OneNetLoss(nn.Module):
     Args:
         cls, l1, giou: loss weights (2, 5, 2: the same as the matching cost).
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2).
+        one_to_many: factor on the auxiliary one-to-many head's three terms (when the head has one).
     """
 
     def __init__(
@@ -109,11 +127,13 @@ class OneNetLoss(nn.Module):
         giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        one_to_many: float = 1.0,
     ) -> None:
         super().__init__()
         self.cls_loss = FocalLoss(weight=cls, alpha=focal_alpha, gamma=focal_gamma)
         self.l1_loss = L1Loss(weight=l1)
         self.giou_loss = IoULoss(weight=giou, kind="giou")
+        self.one_to_many = one_to_many
 
 
 class OneNet(SingleMapDetector):
@@ -131,14 +151,19 @@ class OneNet(SingleMapDetector):
     defaults = {"backbone": {"depth": 18, "norm": "bn"}}
 
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        heads = []
-        for cls_logits, ltrb in self.head(features[-1]):
-            batch, num_classes, height, width = cls_logits.shape
-            points = grid_points(height, width, self.stride, cls_logits.device)  # (R, 2)
-            ltrb = ltrb.flatten(2).transpose(1, 2)  # (B, R, 4)
-            boxes = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)  # (B, R, 4)
-            heads.append({"cls_logits": cls_logits.flatten(2).transpose(1, 2), "boxes": boxes})  # (B, R, C)
-        return {"heads": heads}
+        heads = [self._decode(cls_logits, ltrb) for cls_logits, ltrb in self.head(features[-1])]
+        outputs: dict[str, Any] = {"heads": heads}
+        if self.training and self.head.one_to_many is not None:
+            outputs["one_to_many"] = self._decode(*self.head.one_to_many.predict(features[-1]))
+        return outputs
+
+    def _decode(self, cls_logits: torch.Tensor, ltrb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, C, H, W) logits, (B, 4, H, W) ltrb -> per-location logits (B, R, C), xyxy boxes (B, R, 4), points (R, 2)."""
+        height, width = cls_logits.shape[-2:]
+        points = grid_points(height, width, self.stride, cls_logits.device)  # (R, 2)
+        ltrb = ltrb.flatten(2).transpose(1, 2)  # (B, R, 4)
+        boxes = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)  # (B, R, 4)
+        return {"cls_logits": cls_logits.flatten(2).transpose(1, 2), "boxes": boxes, "points": points}
 
     def losses(
         self, outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]], image_size: tuple[int, int]
@@ -148,24 +173,38 @@ class OneNet(SingleMapDetector):
         losses = {}
         for k, head in enumerate(outputs["heads"]):
             suffix = "" if k == 0 else f"_{k}"
-            for name, value in self._head_losses(head, targets, image_size, num_boxes).items():
+            matches = [
+                self.assigner(head["cls_logits"][i].detach(), head["boxes"][i].detach(), t["boxes"], t["labels"], image_size)
+                for i, t in enumerate(targets)
+            ]
+            for name, value in self._head_losses(head, targets, matches, image_size, num_boxes).items():
                 losses[name + suffix] = value
+        if "one_to_many" in outputs:
+            head, topk = outputs["one_to_many"], self.head.one_to_many_topk
+            matches = [
+                self.assigner.one_to_many(
+                    head["cls_logits"][i].detach(), head["boxes"][i].detach(), t["boxes"], t["labels"], image_size, head["points"], topk
+                )
+                for i, t in enumerate(targets)
+            ]
+            num_positives = reduce_normalizer(sum(len(pred_idx) for pred_idx, _ in matches), device)
+            for name, value in self._head_losses(head, targets, matches, image_size, num_positives).items():
+                losses[name + "_o2m"] = self.loss.one_to_many * value
         return losses
 
     def _head_losses(
         self,
         head: dict[str, torch.Tensor],
         targets: list[dict[str, torch.Tensor]],
+        matches: list[tuple[torch.Tensor, torch.Tensor]],
         image_size: tuple[int, int],
-        num_boxes: torch.Tensor,
+        normalizer: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """Focal, L1 and GIoU terms of one head given its (pred_idx, gt_idx) per image."""
         cls_logits, boxes = head["cls_logits"], head["boxes"]  # (B, R, C), (B, R, 4)
         cls_targets = torch.zeros_like(cls_logits)  # (B, R, C)
         matched_pred, matched_gt = [], []
-        for i, target in enumerate(targets):
-            pred_idx, gt_idx = self.assigner(
-                cls_logits[i].detach(), boxes[i].detach(), target["boxes"], target["labels"], image_size
-            )  # (K,), (K,)
+        for i, (target, (pred_idx, gt_idx)) in enumerate(zip(targets, matches)):
             # Two ground truths may pick one location (mode "min"): it learns both classes.
             cls_targets[i, pred_idx, target["labels"][gt_idx]] = 1.0
             matched_pred.append(boxes[i, pred_idx])  # (K, 4)
@@ -174,9 +213,9 @@ class OneNet(SingleMapDetector):
         height, width = image_size
         scale = pred_boxes.new_tensor([width, height, width, height])  # (4,)
         return {
-            "loss_cls": self.loss.cls_loss(cls_logits, cls_targets, num_boxes),
-            "loss_l1": self.loss.l1_loss(pred_boxes / scale, gt_boxes / scale, num_boxes),
-            "loss_giou": self.loss.giou_loss(pred_boxes, gt_boxes, num_boxes),
+            "loss_cls": self.loss.cls_loss(cls_logits, cls_targets, normalizer),
+            "loss_l1": self.loss.l1_loss(pred_boxes / scale, gt_boxes / scale, normalizer),
+            "loss_giou": self.loss.giou_loss(pred_boxes, gt_boxes, normalizer),
         }
 
     def inference(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> Detections:

@@ -87,6 +87,35 @@ def test_min_cost_assigner_rejects_an_unknown_mode_and_all_zero_weights():
         MinCostAssigner(cost_cls=0.0, cost_l1=0.0, cost_giou=0.0)
 
 
+def test_one_to_many_takes_each_objects_k_cheapest_locations_inside_it_and_settles_shared_ones_by_cost():
+    # Six locations on a row (y = 10); every prediction is the same 8 x 8 box around its point.
+    points = torch.tensor([[2.0, 10.0], [6.0, 10.0], [10.0, 10.0], [14.0, 10.0], [18.0, 10.0], [40.0, 10.0]])
+    boxes = torch.cat([points - 4, points + 4], dim=1)  # (6, 4)
+    logits = torch.zeros(6, 1)
+    # Object 0 covers x in (0, 17): locations 0-3 inside; object 1 covers (8, 24): locations 2-4.
+    gts = torch.tensor([[0.0, 6.0, 17.0, 14.0], [8.0, 6.0, 24.0, 14.0]])
+    labels = torch.zeros(2, dtype=torch.long)
+    assigner = MinCostAssigner()
+    cost = assigner.cost_matrix(logits, boxes, gts, labels, (32, 48))
+    # Object 0's three cheapest inside are 1, 2, 3 (location 0 is its dearest); object 1 has
+    # exactly three inside. Location 2 costs object 0 less, location 3 object 1.
+    assert cost[0, :4].argsort().tolist()[-1] == 0
+    assert cost[0, 2] < cost[1, 2] and cost[1, 3] < cost[0, 3]
+    pred, gt = assigner.one_to_many(logits, boxes, gts, labels, (32, 48), points, topk=3)
+    assert list(zip(pred.tolist(), gt.tolist())) == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    assert 5 not in pred.tolist()  # outside both objects
+
+
+def test_one_to_many_gives_an_object_with_no_location_inside_its_cheapest_one_and_handles_no_objects():
+    points = torch.tensor([[2.0, 2.0], [30.0, 30.0]])
+    boxes = torch.tensor([[0.0, 0.0, 4.0, 4.0], [26.0, 26.0, 34.0, 34.0]])
+    tiny = torch.tensor([[27.0, 27.0, 29.0, 29.0]])  # between grid points: no location inside
+    pred, gt = MinCostAssigner().one_to_many(torch.zeros(2, 1), boxes, tiny, torch.tensor([0]), (40, 40), points, topk=9)
+    assert pred.tolist() == [1] and gt.tolist() == [0]
+    none = MinCostAssigner().one_to_many(torch.zeros(2, 1), boxes, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), (40, 40), points, 9)
+    assert [t.numel() for t in none] == [0, 0]
+
+
 # --------------------------------------------------------------------------- PointAssigner
 
 

@@ -140,6 +140,35 @@ def test_onenet_multi_head_training_adds_losses_per_head_and_infers_from_the_fir
     assert len(model.head(features)) == 1
 
 
+def test_onenet_one_to_many_head_adds_training_losses_and_leaves_inference_to_the_one_to_one_head():
+    torch.manual_seed(0)
+    model = build_detector(small_config("onenet", head={"one_to_many_topk": 9}, loss={"one_to_many": 0.5}))
+    images = torch.rand(2, 3, SIZE, SIZE)
+    losses = model(images, _targets())
+    assert set(losses) == LOSS_NAMES["onenet"] | {"loss_cls_o2m", "loss_l1_o2m", "loss_giou_o2m"}
+    assert losses["loss"].item() == pytest.approx(sum(v.item() for k, v in losses.items() if k != "loss"), rel=1e-5)
+    losses["loss"].backward()
+    auxiliary = model.head.one_to_many
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in auxiliary.parameters())  # it learns
+    # The auxiliary terms are the factor times what the same head scores at factor 1.
+    model.zero_grad()
+    full = build_detector(small_config("onenet", head={"one_to_many_topk": 9}))
+    full.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    model.train(), full.train()
+    half, whole = model(images, _targets()), full(images, _targets())
+    assert half["loss_giou_o2m"].item() == pytest.approx(0.5 * whole["loss_giou_o2m"].item(), rel=1e-5)
+    # Inference reads the one-to-one head only: the same detections as without the auxiliary head.
+    plain = build_detector(small_config("onenet"))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".one_to_many." not in k})
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        ours, reference = model(images), plain(images)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a["boxes"], b["boxes"])
+        torch.testing.assert_close(a["scores"], b["scores"])
+
+
 def test_onenet_ltrb_scale_multiplies_the_regression_and_keeps_the_initial_box_size():
     from anchorless.detectors.onenet import OneNetHead
 

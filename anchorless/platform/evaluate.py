@@ -32,7 +32,7 @@ from anchorless.platform.export import (
     model_from_export,
 )
 from anchorless.platform.predict import to_original_pixels, write_json_atomic
-from anchorless.platform.progress import quiet_driver_console, token_auth_said_explicitly
+from anchorless.platform.progress import quiet_driver_console, quiet_token_auth_notice
 from anchorless.platform.shards import manifest_checksum
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def evaluate(
     if own_ray:
         address = address or os.environ.get("RAY_ADDRESS") or "local"  # never a stray `ray start` cluster
         if address == "local":
-            token_auth_said_explicitly()
+            quiet_token_auth_notice()
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     try:
         context = ray.data.DataContext.get_current()

@@ -9,7 +9,6 @@ into one bar (step, epoch, images/s, loss terms, ETA) and one line per evaluatio
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import warnings
 from typing import Any
@@ -57,11 +56,19 @@ def quiet_driver_console() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
-def token_auth_said_explicitly() -> None:
-    """Before starting a local Ray: token auth, Ray's own default for a new local cluster,
-    set explicitly, so that ``ray.init`` does not warn about it on every start (left
-    unset, Ray sets the same variable itself, with the warning)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+class _DropTokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that a new local cluster uses token auth (its default)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def quiet_token_auth_notice() -> None:
+    """Before starting a local Ray: no notice, on every start, that token auth is on (Ray's
+    default for a new local cluster). Its other warnings, e.g. that auth is *off*, stay."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthNotice())
 
 
 def create_queue(maxsize: int = 0) -> Any:

@@ -30,3 +30,18 @@ def test_under_a_time_budget_the_bar_counts_training_seconds_and_names_the_step(
     display._show(_step(150, 121.9))  # the step that crosses the budget
     assert display._bar.n == 120
     display._bar.close()
+
+
+def test_the_token_auth_notice_of_a_local_start_is_dropped_and_other_auth_warnings_stay(caplog):
+    import logging
+
+    from anchorless.platform.progress import quiet_token_auth_notice
+
+    quiet_token_auth_notice()
+    quiet_token_auth_notice()  # idempotent: one filter
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    assert [r.getMessage().split(".")[0] for r in caplog.records] == ["Token authentication is disabled for this Ray cluster"]

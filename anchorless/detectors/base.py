@@ -53,6 +53,17 @@ def grid_points(height: int, width: int, stride: int, device: torch.device | Non
     return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)  # (H*W, 2)
 
 
+def as_float32(outputs: Any) -> Any:
+    """``outputs`` (tensors in nested dicts, lists, tuples) with low-precision float tensors cast to float32."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() and outputs.dtype != torch.float64 else outputs
+    if isinstance(outputs, Mapping):
+        return {key: as_float32(value) for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(as_float32(value) for value in outputs)
+    return outputs
+
+
 def sum_losses(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add ``loss``, the sum of the (already weighted) named terms."""
     losses = dict(losses)
@@ -95,11 +106,14 @@ class BaseDetector(nn.Module):
     ) -> dict[str, torch.Tensor] | Detections:
         image_size = self._check_images(images)
         features = self.neck(self.backbone((images - self.pixel_mean) / self.pixel_std))
-        outputs = self.forward_head(features)
-        if targets is None:
-            return self.inference(outputs, image_size)
-        targets = self._check_targets(targets, images)
-        return sum_losses(self.losses(outputs, targets, image_size))
+        outputs = as_float32(self.forward_head(features))
+        # Under a caller's autocast (bf16 training) the network runs in low precision, but
+        # assignment, losses and decoding stay float32: costs and box sums need the bits.
+        with torch.autocast(images.device.type, enabled=False):
+            if targets is None:
+                return self.inference(outputs, image_size)
+            targets = self._check_targets(targets, images)
+            return sum_losses(self.losses(outputs, targets, image_size))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Detections:

@@ -34,6 +34,8 @@ import torch
 
 from anchorless.platform.config import ScheduleConfig, TrainingConfig
 
+_log = logging.getLogger("anchorless.engine")
+
 # Every Ray Train checkpoint directory holds one DeepSpeed checkpoint under this tag.
 CHECKPOINT_SUBDIR = "deepspeed"
 CHECKPOINT_TAG = "state"
@@ -73,7 +75,9 @@ def deepspeed_config(training: TrainingConfig, *, batch_size: int, world_size: i
         "zero_optimization": {"stage": training.zero_stage},
         # ZeRO 1/2 accept any torch optimizer; DeepSpeed only warns it has not tested them all.
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": training.precision == "bf16"},
+        # On CPU bf16 is autocast around the forward (the worker's ``autocast``), not DeepSpeed's
+        # bf16 mode: that keeps bf16 weights and all-reduces bf16 gradients over gloo.
+        "bf16": {"enabled": training.precision == "bf16" and training.use_gpu},
         "fp16": {"enabled": training.precision == "fp16"},
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
@@ -163,6 +167,19 @@ def build_engine(
         # its gradients in that same call, so it keeps it.
         engine.enable_backward_allreduce = False
     return engine, scheduler
+
+
+def training_autocast(training: TrainingConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the training forward runs in: bf16 autocast for ``precision=bf16`` on CPU.
+
+    On GPU bf16/fp16 are DeepSpeed's modes (the model itself is cast), so nothing is added.
+    The detectors keep their losses in float32 under it.
+    """
+    if training.precision != "bf16" or device.type != "cpu":
+        return contextlib.nullcontext()
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # torch's own test for native bf16 kernels
+        _log.warning("precision=bf16: this CPU has no native bf16 (AVX512-BF16/AMX); training will be slower than fp32")
+    return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def save_engine(engine: Any, checkpoint_dir: str | Path, client_state: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from anchorless.platform.config import ExperimentConfig
-from anchorless.platform.engine import build_engine, load_engine, save_engine
+from anchorless.platform.engine import build_engine, load_engine, save_engine, training_autocast
 from anchorless.platform.progress import ProgressSender, forward_worker_warnings, quiet_worker_logs
 
 STATE_FILE = "anchorless_state.json"
@@ -78,6 +78,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if training.sync_batchnorm and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     engine, scheduler = build_engine(model.to(device), plan["deepspeed_config"], training.schedule, plan["total_steps"])
+    forward_precision = training_autocast(training, device)  # re-entered every step
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     started_elsewhere = checkpoint is None and plan.get("start_checkpoint") is not None
@@ -130,7 +131,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         window_steps = 0
         batches = _timed(stream.epoch(), state)
         for images, targets, _ in batches:
-            losses = engine(images, targets)
+            with forward_precision:
+                losses = engine(images, targets)
             step = engine.global_steps + 1
             losses = _maybe_inject_fault(plan.get("fault"), losses, rank=rank, step=step)
             averaged = _mean_over_ranks(losses)

@@ -77,11 +77,12 @@ def test_image_size_must_be_a_multiple_of_32():
         load_config(None, ["data.image_size=100"])
 
 
-def test_half_precision_on_cpu_is_refused():
-    with pytest.raises(ConfigError, match=r"precision=bf16 needs use_gpu"):
-        load_config(None, ["training.precision=bf16"])
-    cfg = load_config(None, ["training.precision=bf16", "training.use_gpu=true"])
-    assert cfg.training.precision == "bf16"
+def test_fp16_on_cpu_is_refused_and_bf16_is_allowed_on_both():
+    with pytest.raises(ConfigError, match=r"precision=fp16 needs use_gpu"):
+        load_config(None, ["training.precision=fp16"])
+    assert load_config(None, ["training.precision=fp16", "training.use_gpu=true"]).training.precision == "fp16"
+    assert load_config(None, ["training.precision=bf16"]).training.precision == "bf16"  # CPU autocast
+    assert load_config(None, ["training.precision=bf16", "training.use_gpu=true"]).training.precision == "bf16"
 
 
 def test_sync_batchnorm_on_cpu_is_refused_before_any_worker_starts():

@@ -38,6 +38,23 @@ def test_deepspeed_config_turns_clipping_off_with_zero_and_enables_bf16_only_whe
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
 
 
+def test_bf16_on_cpu_is_autocast_around_the_forward_not_deepspeeds_bf16_mode():
+    import torch
+
+    from anchorless.platform.engine import training_autocast
+
+    cpu_bf16 = TrainingConfig(precision="bf16")
+    assert deepspeed_config(cpu_bf16, batch_size=1, world_size=1)["bf16"] == {"enabled": False}
+    with training_autocast(cpu_bf16, torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with training_autocast(TrainingConfig(), torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    # On GPU DeepSpeed's bf16 mode casts the model; no autocast is added on top.
+    gpu_bf16 = TrainingConfig(precision="bf16", use_gpu=True)
+    with training_autocast(gpu_bf16, torch.device("cuda")):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_adamw_is_torch_adamw_without_a_compiled_op_and_sgd_keeps_momentum():
     adamw = deepspeed_config(
         TrainingConfig(optimizer={"name": "adamw", "lr": 2e-4, "weight_decay": 0.05, "betas": (0.9, 0.99)}),

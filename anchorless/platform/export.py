@@ -152,10 +152,16 @@ def read_export(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def model_from_export(
-    payload: Mapping[str, Any], *, device: torch.device | str = "cpu"
+    payload: Mapping[str, Any], *, device: torch.device | str = "cpu", fold_batchnorm: bool = True
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Build the detector the export describes and load its weights; (model in eval mode, meta)."""
+    """Build the detector the export describes and load its weights; (model in eval mode, meta).
+
+    With ``fold_batchnorm`` (the default: the model is for inference) its BatchNorms are
+    folded into the convolutions before them: the same detections up to float rounding,
+    and a faster forward. Such a model must not train; pass False to fine-tune it.
+    """
     from anchorless.detectors import build_detector
+    from anchorless.detectors.fusion import fold_batchnorm as fold
 
     detector_cfg = copy.deepcopy(payload["config"]["detector"])
     detector_cfg.setdefault("backbone", {})["pretrained"] = None  # the export holds every weight
@@ -167,7 +173,7 @@ def model_from_export(
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.to(device).eval()
-    return model, export_meta(payload)
+    return (fold(model) if fold_batchnorm else model), export_meta(payload)
 
 
 def export_meta(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -251,18 +257,23 @@ def _load_mlflow_export(uri: str, tracking_uri: str | None) -> dict[str, Any]:
 
 
 def load_model(
-    source: Any, *, tracking_uri: str | None = None, device: torch.device | str = "cpu"
+    source: Any,
+    *,
+    tracking_uri: str | None = None,
+    device: torch.device | str = "cpu",
+    fold_batchnorm: bool = True,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A ready-to-predict detector and its meta (config, categories, manifest checksum, image size).
 
     ``source``: a ``.pt`` export path, a directory containing one, an MLflow model
     URI (``models:/NAME/VERSION``, ``models:/NAME@alias``, ``runs:/RUN/model``), or an
-    already-loaded ``(model, meta)`` pair (returned as is).
+    already-loaded ``(model, meta)`` pair (returned as is). ``fold_batchnorm``: see
+    :func:`model_from_export`.
     """
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], torch.nn.Module):
         return source
     payload = load_export(source, tracking_uri=tracking_uri)
-    model, meta = model_from_export(payload, device=device)
+    model, meta = model_from_export(payload, device=device, fold_batchnorm=fold_batchnorm)
     meta["source"] = payload["source"]
     return model, meta
 

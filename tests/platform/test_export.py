@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from anchorless.detectors.fusion import count_batchnorms
 from anchorless.platform.config import build_config
 from anchorless.platform.export import (
     ModelError,
@@ -93,11 +94,20 @@ def test_export_is_a_weights_only_file_that_rebuilds_an_identical_model(trained,
     image = read_image(image_path)
     expected = detect(model, [image], image_size=64)
     for source in (path, path.parent, str(path)):
-        loaded, meta = load_model(source)
+        loaded, meta = load_model(source, fold_batchnorm=False)
         assert meta["image_size"] == 64
         assert [c["name"] for c in meta["categories"]] == ["rectangle", "ellipse", "triangle"]
         _same(detect(loaded, [image], image_size=64), expected)
     assert len(expected[0]["boxes"]) > 0
+
+    # For inference (the default) BatchNorm is folded into the convolutions: same detections
+    # up to float rounding, and no BatchNorm left to run.
+    folded, _ = load_model(path)
+    assert count_batchnorms(folded) == 0 < count_batchnorms(model)
+    got = detect(folded, [image], image_size=64)[0]
+    assert len(got["boxes"]) == len(expected[0]["boxes"])
+    torch.testing.assert_close(got["scores"], expected[0]["scores"], rtol=0, atol=1e-3)
+    torch.testing.assert_close(got["boxes"], expected[0]["boxes"], rtol=0, atol=0.05)
 
 
 def test_export_refuses_a_detector_whose_class_count_disagrees_with_the_manifest(trained, tmp_path):
@@ -156,7 +166,8 @@ def test_logged_model_loads_back_as_pyfunc_registers_a_version_with_metric_tags_
     default_threshold = pyfunc.predict(images_frame([image_path]))
     assert list(rows.columns) == ["image_index", "category_id", "category_name", "score", "x", "y", "width", "height"]
     assert len(rows) == len(expected["boxes"]) > 0 and set(rows["image_index"]) == {0}
-    np.testing.assert_allclose(rows["score"].to_numpy(), expected["scores"].numpy(), rtol=1e-6)
+    # The served model has its BatchNorm folded: equal up to float rounding.
+    np.testing.assert_allclose(rows["score"].to_numpy(), expected["scores"].numpy(), rtol=1e-5)
     np.testing.assert_allclose(rows["x"].to_numpy(), expected["boxes"][:, 0].numpy(), rtol=1e-5, atol=1e-4)
     widths = (expected["boxes"][:, 2] - expected["boxes"][:, 0]).numpy()
     np.testing.assert_allclose(rows["width"].to_numpy(), widths, rtol=1e-5, atol=1e-4)
@@ -169,7 +180,7 @@ def test_logged_model_loads_back_as_pyfunc_registers_a_version_with_metric_tags_
     client.set_registered_model_alias("shapes", "champion", "1")
     reference = detect(model, [image], image_size=64)
     for uri in ("models:/shapes/1", "models:/shapes@champion", unregistered):
-        loaded, meta = load_model(uri, tracking_uri=tracker.tracking_uri)
+        loaded, meta = load_model(uri, tracking_uri=tracker.tracking_uri, fold_batchnorm=False)
         assert meta["source"] == uri
         _same(detect(loaded, [image], image_size=64), reference)
     with pytest.raises(ModelError, match="models:/shapes/9: cannot be resolved"):

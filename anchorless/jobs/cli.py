@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--config", default=QUICKSTART_CONFIG, help=f"training config (default {QUICKSTART_CONFIG})")
     quick.add_argument("--num-images", type=int, default=480, help="synthetic images in all (default 480)")
     quick.add_argument("--size", type=int, default=192, help="synthetic image side in pixels (default 192)")
-    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--seed", type=int, default=0, help="seed of the synthetic data set (default 0)")
     _add_overrides(quick)
     quick.set_defaults(run=_quickstart)
 
@@ -355,10 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth = data.add_parser("synth", help="write a synthetic COCO data set of shapes")
     synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--num-images", type=int, default=200)
+    synth.add_argument("--num-images", type=int, default=200, help="images in all splits (default 200)")
     synth.add_argument("--size", type=int, default=192, help="image side in pixels")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--val-fraction", type=float, default=0.2)
+    synth.add_argument("--seed", type=int, default=0, help="same seed, byte-identical data set (default 0)")
+    synth.add_argument("--val-fraction", type=float, default=0.2, help="share of images in the val split (default 0.2)")
     synth.set_defaults(run=_data_synth)
 
     shard = data.add_parser("shard", help="validate a COCO data set and write Parquet shards + manifest.json")
@@ -370,10 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     shard.set_defaults(run=_data_shard)
 
     inspect = data.add_parser("inspect", help="counts, histograms and a grid of sample images with boxes")
-    inspect.add_argument("shard_dir")
+    inspect.add_argument("shard_dir", help="shard directory written by `anchorless data shard`")
     inspect.add_argument("--out", help="PNG path of the sample grid (default SHARD_DIR/inspect.png)")
-    inspect.add_argument("--samples", type=int, default=16)
-    inspect.add_argument("--seed", type=int, default=0)
+    inspect.add_argument("--samples", type=int, default=16, help="images in the grid (default 16)")
+    inspect.add_argument("--seed", type=int, default=0, help="which images are sampled (default 0)")
     inspect.set_defaults(run=_data_inspect)
 
     train = verbs.add_parser("train", help="train a detector with Ray Train + DeepSpeed, tracked in MLflow")
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="models:/NAME@alias, models:/NAME/VERSION, runs:/..., or an export .pt")
     evaluate.add_argument("--data", required=True, help="shard directory")
     evaluate.add_argument("--out", default=None, help="directory for the COCO results JSON and the summary")
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
     evaluate.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
     evaluate.set_defaults(run=_evaluate)
 
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="model URI or export .pt")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--out", required=True, help="output directory")
-    predict.add_argument("--score-threshold", type=float, default=0.3)
+    predict.add_argument("--score-threshold", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
     predict.set_defaults(run=_predict)
 
     tune = verbs.add_parser("tune", help="run (or resume) a Ray Tune campaign over training configs")
@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--cluster-dir", default=None, help=argparse.SUPPRESS)
 
     listing = models.add_parser("list", help="registered models, versions, aliases, key metrics, source run")
-    listing.add_argument("name", nargs="?")
+    listing.add_argument("name", nargs="?", help="one registered model (default: all)")
     registry_options(listing)
     listing.set_defaults(run=_models_list)
 
@@ -424,24 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate candidate and champion on the same shards; move the alias if the candidate wins",
         description="Exit code 0 when promoted, 1 when refused. The gate table is printed either way.",
     )
-    promote.add_argument("name")
-    promote.add_argument("version")
+    promote.add_argument("name", help="registered model name")
+    promote.add_argument("version", help="candidate version number")
     promote.add_argument("--to", default="champion", help="alias to move (default champion)")
     promote.add_argument("--data", required=True, help="evaluation shard directory (both models are scored on it)")
     promote.add_argument("--metric", default="AP", help="gate metric (default AP)")
-    promote.add_argument("--mode", choices=("max", "min"), default="max")
+    promote.add_argument("--mode", choices=("max", "min"), default="max", help="max: higher gate metric wins (default)")
     promote.add_argument("--margin", type=float, default=0.0, help="the candidate must beat the champion by more than this")
     promote.add_argument("--guard", action="append", metavar="METRIC:max|min[:TOL]", help="add/replace a no-regression guard (defaults: AP50, duplicate_rate, latency_ms)")
     promote.add_argument("--no-guards", action="store_true", help="drop the default guards")
     promote.add_argument("--force", action="store_true", help="promote even if the gates refuse (needs --reason)")
     promote.add_argument("--reason", default=None, help="why --force; recorded on the version")
-    promote.add_argument("--batch-size", type=int, default=8)
+    promote.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
     promote.add_argument("--address", default=None, help="Ray cluster address for the evaluations")
     registry_options(promote)
     promote.set_defaults(run=_models_promote)
 
     back = models.add_parser("rollback", help="point the alias back at the previous champion")
-    back.add_argument("name")
+    back.add_argument("name", help="registered model name")
     back.add_argument("--to", default="champion", help="alias to roll back (default champion)")
     registry_options(back)
     back.set_defaults(run=_models_rollback)
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=text or _cluster_up)
     template = cluster.add_parser("template", help="render a Ray cluster-launcher or KubeRay template")
     template.add_argument("name", nargs="?", help="template name (omit to list them with their parameters)")
-    template.add_argument("values", nargs="*", metavar="param=value")
+    template.add_argument("values", nargs="*", metavar="param=value", help="template parameters")
     template.add_argument("--override", action="append", help="a training key.path=value override for the job")
     template.add_argument("--out", default=None, help="output YAML path")
     template.set_defaults(run=_cluster_template)
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs `anchorless KIND ARGS...` as a Ray job. submit's own options may come before KIND "
         "or after the command's arguments: `anchorless submit tune campaign.yaml --follow`.",
     )
-    submit.add_argument("kind", choices=("train", "tune", "evaluate"))
+    submit.add_argument("kind", choices=("train", "tune", "evaluate"), help="the anchorless command the job runs")
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     submit.add_argument("--address", default=None, help="job server (default $RAY_ADDRESS or the local cluster)")
     submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
@@ -476,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(run=_submit)
 
     jobs = verbs.add_parser("jobs", help="list, inspect, follow and stop cluster jobs")
-    jobs.add_argument("action", choices=("list", "status", "logs", "stop"))
-    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("action", choices=("list", "status", "logs", "stop"), help="what to do")
+    jobs.add_argument("job_id", nargs="?", help="the job (all but list need one)")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     jobs.add_argument("--address", default=None, help="job server (default $RAY_ADDRESS or the local cluster)")
     jobs.add_argument("--cluster-dir", default=None, help=argparse.SUPPRESS)

@@ -32,7 +32,7 @@ from anchorless.platform.export import (
     model_from_export,
 )
 from anchorless.platform.predict import to_original_pixels, write_json_atomic
-from anchorless.platform.progress import quiet_driver_console, quiet_token_auth_notice
+from anchorless.platform.progress import quiet_driver_console, quiet_ray_notices
 from anchorless.platform.shards import manifest_checksum
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,10 @@ def evaluate(
     label_to_category = {int(c["label"]): int(c["coco_id"]) for c in meta["categories"]}
 
     quiet_driver_console()  # Ray Data's execution plans; its progress bars stay
+    quiet_ray_notices()
     own_ray = not ray.is_initialized()
     if own_ray:
         address = address or os.environ.get("RAY_ADDRESS") or "local"  # never a stray `ray start` cluster
-        if address == "local":
-            quiet_token_auth_notice()
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
     try:
         context = ray.data.DataContext.get_current()

@@ -56,19 +56,31 @@ def quiet_driver_console() -> None:
             handler.setLevel(max(handler.level, logging.WARNING))
 
 
-class _DropTokenAuthNotice(logging.Filter):
-    """Drops Ray's notice that a new local cluster uses token auth (its default)."""
+_NOTICES = {  # logger -> the start of the one message it should not print
+    # Ray's default for a new local cluster, said on every start; its other auth warnings
+    # (e.g. that auth is *off*) stay.
+    "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+    # Ray Data's bars are off on purpose (the driver draws one bar of its own); no advice needed.
+    "ray.data._internal.progress": "Progress bars disabled",
+}
+
+
+class _DropNotice(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled")
+        return not record.getMessage().startswith(self.prefix)
 
 
-def quiet_token_auth_notice() -> None:
-    """Before starting a local Ray: no notice, on every start, that token auth is on (Ray's
-    default for a new local cluster). Its other warnings, e.g. that auth is *off*, stay."""
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropTokenAuthNotice) for f in logger.filters):
-        logger.addFilter(_DropTokenAuthNotice())
+def quiet_ray_notices() -> None:
+    """Drop two of Ray's console notices that say nothing a user of ours can act on: that a
+    new local cluster uses token auth (its default), and that Ray Data's bars are off."""
+    for name, prefix in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
 
 
 def create_queue(maxsize: int = 0) -> Any:

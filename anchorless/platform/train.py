@@ -286,7 +286,7 @@ def connect_ray(address: str | None, cfg: ExperimentConfig, *, verbose: bool = F
     """
     import ray
 
-    from anchorless.platform.progress import QUIET_WORKER_ENV, quiet_driver_console, quiet_token_auth_notice
+    from anchorless.platform.progress import QUIET_WORKER_ENV, quiet_driver_console, quiet_ray_notices
 
     if not verbose:
         quiet_driver_console()
@@ -300,7 +300,7 @@ def connect_ray(address: str | None, cfg: ExperimentConfig, *, verbose: bool = F
         # A cluster's job may carry its own runtime_env (working_dir, ...): leave it alone.
         ray.init(address=address, **output)
         return True
-    quiet_token_auth_notice()
+    quiet_ray_notices()
     needed = cfg.training.num_workers * cfg.training.cpus_per_worker
     quiet = {} if verbose else {
         "env_vars": dict(QUIET_WORKER_ENV),

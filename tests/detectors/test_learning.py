@@ -6,8 +6,9 @@ The recipe is the same for all three: ResNet-18 with BatchNorm from random weigh
 downloads), AdamW with a one-cycle schedule, gradient clipping, the whole handful as one
 batch, 4 images of 128 pixels. Only the number of steps differs. In our runs all three
 reached AP50 = 1.0 by step 50; CenterNet and FCOS get 80 steps for margin, OneNet (one
-positive per object, so its boxes learn from few samples) gets 100. OneNet also learns with
-its forward under bf16 autocast (``training.precision=bf16`` on CPU): AP50 1.0 in our runs.
+positive per object, so its boxes learn from few samples) gets 100. FCOS runs its forward
+under bf16 autocast (``training.precision=bf16`` on CPU): AP50 1.0, AP 0.99 in our runs, as
+in float32; OneNet in bf16 also reached AP50 1.0.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def evaluate(model, images, gt) -> tuple[dict, list[dict]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, bf16", [(name, False) for name in sorted(RECIPES)] + [("onenet", True)])
+# FCOS learns in bf16 (``training.precision=bf16`` on CPU, as the BCCD configs; 1.5x faster
+# here, so the suite pays nothing for the case), the other two in float32.
+@pytest.mark.parametrize("name, bf16", [("centernet", False), ("fcos", True), ("onenet", False)])
 def test_detector_overfits_a_handful_of_synthetic_images(name, bf16, handful):
     images, targets, gt = handful
     model, history = overfit(name, images, targets, bf16=bf16)

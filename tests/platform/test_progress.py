@@ -32,16 +32,22 @@ def test_under_a_time_budget_the_bar_counts_training_seconds_and_names_the_step(
     display._bar.close()
 
 
-def test_the_token_auth_notice_of_a_local_start_is_dropped_and_other_auth_warnings_stay(caplog):
+def test_the_token_auth_and_progress_bar_notices_are_dropped_and_other_warnings_stay(caplog):
     import logging
 
-    from anchorless.platform.progress import quiet_token_auth_notice
+    from anchorless.platform.progress import quiet_ray_notices
 
-    quiet_token_auth_notice()
-    quiet_token_auth_notice()  # idempotent: one filter
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    assert len(logger.filters) == 1
-    with caplog.at_level(logging.WARNING, logger=logger.name):
-        logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
-        logger.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
-    assert [r.getMessage().split(".")[0] for r in caplog.records] == ["Token authentication is disabled for this Ray cluster"]
+    quiet_ray_notices()
+    quiet_ray_notices()  # idempotent: one filter per logger
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    bars = logging.getLogger("ray.data._internal.progress")
+    assert len(auth.filters) == 1 and len(bars.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        auth.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+        auth.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+        bars.warning("Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.")
+        bars.warning("Progress bars for operators disabled. To enable, ...")
+    assert [r.getMessage().split(".")[0] for r in caplog.records] == [
+        "Token authentication is disabled for this Ray cluster",
+        "Progress bars for operators disabled",
+    ]

@@ -77,6 +77,15 @@ def test_first_version_becomes_champion_and_a_weaker_one_is_refused(client, shar
     assert evaluate_fn.calls == ["1", "2"]
 
 
+def test_a_reused_score_is_the_very_float_first_scored(client, shards):
+    # 0.00965 printed to 4 places after 6-decimal rounding once read 0.0097 against the 0.0096
+    # shown at the champion's own promotion.
+    scores = {"1": {**SCORES["1"], "AP": 0.009649999999}, "2": {**SCORES["2"], "AP": 0.001}}
+    first = promote(client, NAME, "1", shards, evaluate_fn=scripted(scores))
+    second = promote(client, NAME, "2", shards, evaluate_fn=scripted(scores))
+    assert second.champion_metrics["AP"] == first.candidate_metrics["AP"] == 0.009649999999
+
+
 def test_a_better_gate_metric_with_a_regressed_guard_is_refused(client, shards):
     evaluate_fn = scripted(SCORES)
     promote(client, NAME, "1", shards, evaluate_fn=evaluate_fn)

@@ -75,7 +75,7 @@ def deepspeed_config(training: TrainingConfig, *, batch_size: int, world_size: i
         "zero_optimization": {"stage": training.zero_stage},
         # ZeRO 1/2 accept any torch optimizer; DeepSpeed only warns it has not tested them all.
         "zero_allow_untested_optimizer": True,
-        # On CPU bf16 is autocast around the forward (the worker's ``autocast``), not DeepSpeed's
+        # On CPU bf16 is autocast around the forward (``training_autocast``), not DeepSpeed's
         # bf16 mode: that keeps bf16 weights and all-reduces bf16 gradients over gloo.
         "bf16": {"enabled": training.precision == "bf16" and training.use_gpu},
         "fp16": {"enabled": training.precision == "fp16"},

@@ -204,7 +204,7 @@ def evaluate_version(model_uri: str, shard_dir: str, **evaluate_kwargs: Any) -> 
 
     summary = evaluate(model_uri, shard_dir, **evaluate_kwargs)
     metrics = {key: float(summary[key]) for key in COMPARED_METRICS if key in summary}
-    _, meta = load_model(model_uri)
+    _, meta = load_model(model_uri, fold_batchnorm=False)  # only its meta is read here
     image_size = int(meta["config"]["data"]["image_size"])
     metrics["latency_ms"] = measure_latency_ms(model_uri, image_size)
     return metrics

@@ -63,7 +63,8 @@ DETECTORS = {
     # From scratch, regressing box sides in strides (4 px) rather than raw pixels: measured
     # over 7 min, AP 0.151 vs 0.108 (AP75 0.124 vs 0.017). The auxiliary one-to-many head
     # (9 positives per object, training only): over 10 min, AP 0.214 vs 0.178 and duplicate
-    # rate 0.10 vs 0.26-0.37. See BENCHMARKS.md.
+    # rate 0.10 vs 0.26-0.37. That head sharing the box regression (the default):
+    # AP 0.348 vs 0.312 on seed 0. See BENCHMARKS.md.
     "onenet_r18": {
         "name": "onenet", "num_classes": 3, "backbone": {"depth": 18}, "head": {"ltrb_scale": 4.0, "one_to_many_topk": 9}
     },

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from anchorless.detectors import build_detector
 
@@ -164,9 +165,11 @@ def test_onenet_multi_head_training_adds_losses_per_head_and_infers_from_the_fir
     assert len(model.head(features)) == 1
 
 
-def test_onenet_one_to_many_head_adds_training_losses_and_leaves_inference_to_the_one_to_one_head():
+@pytest.mark.parametrize("shares_boxes", [True, False])
+def test_onenet_one_to_many_head_adds_training_losses_and_leaves_inference_to_the_one_to_one_head(shares_boxes):
     torch.manual_seed(0)
-    model = build_detector(small_config("onenet", head={"one_to_many_topk": 9}, loss={"one_to_many": 0.5}))
+    head = {"one_to_many_topk": 9, "one_to_many_shares_boxes": shares_boxes}
+    model = build_detector(small_config("onenet", head=head, loss={"one_to_many": 0.5}))
     images = torch.rand(2, 3, SIZE, SIZE)
     losses = model(images, _targets())
     assert set(losses) == LOSS_NAMES["onenet"] | {"loss_cls_o2m", "loss_l1_o2m", "loss_giou_o2m"}
@@ -176,7 +179,7 @@ def test_onenet_one_to_many_head_adds_training_losses_and_leaves_inference_to_th
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in auxiliary.parameters())  # it learns
     # The auxiliary terms are the factor times what the same head scores at factor 1.
     model.zero_grad()
-    full = build_detector(small_config("onenet", head={"one_to_many_topk": 9}))
+    full = build_detector(small_config("onenet", head=head))
     full.load_state_dict(model.state_dict())
     torch.manual_seed(1)
     model.train(), full.train()
@@ -191,6 +194,28 @@ def test_onenet_one_to_many_head_adds_training_losses_and_leaves_inference_to_th
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a["boxes"], b["boxes"])
         torch.testing.assert_close(a["scores"], b["scores"])
+
+
+def test_onenet_one_to_many_head_shares_boxes_by_default_classifies_only_and_trains_the_one_to_one_regression():
+    torch.manual_seed(0)
+    model = build_detector(small_config("onenet", head={"one_to_many_topk": 9}))
+    images = torch.rand(2, 3, SIZE, SIZE)
+    outputs = model.forward_head(model.neck(model.backbone(images)))
+    torch.testing.assert_close(outputs["one_to_many"]["boxes"], outputs["heads"][0]["boxes"])  # the same boxes
+    assert not any(isinstance(m, nn.Conv2d) and m.out_channels == 4 for m in model.head.one_to_many.modules())
+    # Only the auxiliary box terms: their gradient reaches the one-to-one regression.
+    losses = model(images, _targets())
+    (losses["loss_l1_o2m"] + losses["loss_giou_o2m"]).backward()
+    assert model.head.ltrb_pred.weight.grad.abs().sum() > 0
+    assert model.head.cls_score.weight.grad is None or model.head.cls_score.weight.grad.abs().sum() == 0
+    # Inference is the plain OneNet's.
+    plain = build_detector(small_config("onenet"))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".one_to_many." not in k})
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        for a, b in zip(model(images), plain(images)):
+            torch.testing.assert_close(a["boxes"], b["boxes"])
+            torch.testing.assert_close(a["scores"], b["scores"])
 
 
 def test_onenet_ltrb_scale_multiplies_the_regression_and_keeps_the_initial_box_size():

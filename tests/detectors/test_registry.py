@@ -29,7 +29,8 @@ def test_defaults_are_the_papers_values():
     assert onenet["loss"] == {"cls": 2.0, "l1": 5.0, "giou": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0, "one_to_many": 1.0}
     assert onenet["postprocess"] == {"topk": 100, "nms": False, "nms_iou": 0.6, "score_threshold": 0.0}
     assert onenet["head"] == {
-        "prior_prob": 0.01, "num_heads": 1, "ltrb_init": 4.0, "ltrb_scale": 1.0, "one_to_many_topk": 0  # no auxiliary head
+        "prior_prob": 0.01, "num_heads": 1, "ltrb_init": 4.0, "ltrb_scale": 1.0, "one_to_many_topk": 0,  # no auxiliary head
+        "one_to_many_shares_boxes": True,
     }
 
     centernet = default_detector_config("centernet")

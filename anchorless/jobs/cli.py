@@ -538,10 +538,23 @@ def _join_local_cluster_with_its_token(args: argparse.Namespace) -> None:
         os.environ["RAY_AUTH_TOKEN_PATH"] = state["token_file"]
 
 
+def _parse_with_overrides_anywhere(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``train CONFIG --restart a.b=1``: argparse ends a ``nargs="*"`` positional at the first
+    option and rejects what follows it, so ``key=value`` words after an option are added to
+    the command's overrides here (in order); anything else left over is still an error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(word.startswith("-") or "=" not in word for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from anchorless.platform.errors import AnchorlessError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = _parse_with_overrides_anywhere(parser, argv)
     _configure_logging(args.verbose, args.verb)
     run: Callable[[argparse.Namespace], int] = args.run
     try:

@@ -70,3 +70,17 @@ def test_train_address_of_the_local_cluster_joins_with_its_token(tmp_path, monke
     assert args.address == "127.0.0.1:41001"  # the dashboard's URL means the cluster's GCS
     assert os.environ["RAY_AUTH_MODE"] == "token"
     assert os.environ["RAY_AUTH_TOKEN_PATH"] == str(token_file)
+
+
+def test_overrides_may_follow_an_option_and_other_stray_words_are_still_refused(capsys):
+    from anchorless.jobs.cli import _parse_with_overrides_anywhere, build_parser
+
+    args = _parse_with_overrides_anywhere(build_parser(), ["train", "x.yaml", "a.b=1", "--restart", "c.d=2", "e=3"])
+    assert (args.config, args.restart, args.overrides) == ("x.yaml", True, ["a.b=1", "c.d=2", "e=3"])
+    for stray in (["train", "x.yaml", "--restart", "oops"], ["train", "x.yaml", "--restart", "--nope=1"]):
+        try:
+            _parse_with_overrides_anywhere(build_parser(), stray)
+            raise AssertionError(f"{stray} was accepted")
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err

@@ -182,6 +182,31 @@ def training_autocast(training: TrainingConfig, device: torch.device) -> context
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+def average_batchnorm_statistics(model: torch.nn.Module) -> int:
+    """Average BatchNorm running means and variances over ranks, in one all-reduce.
+
+    Each rank updates its running statistics from its own batches and neither DeepSpeed
+    nor the optimizer step syncs buffers, so without this every rank would hold a slightly
+    different model: validation (each rank predicts its share) would score a blend of them,
+    and the checkpoint keeps rank 0's alone. Called before every evaluation and checkpoint,
+    so the scored model is the saved one. Returns the number of tensors averaged.
+    """
+    buffers = [
+        stat for module in model.modules() if isinstance(module, BATCHNORMS)
+        for stat in (module.running_mean, module.running_var) if stat is not None
+    ]  # fmt: skip
+    if not buffers or not torch.distributed.is_initialized() or torch.distributed.get_world_size() < 2:
+        return 0
+    flat = torch.nn.utils.parameters_to_vector(buffers).float()  # any tensors, flattened and joined
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    torch.nn.utils.vector_to_parameters(flat.to(buffers[0].dtype), buffers)
+    return len(buffers)
+
+
 def save_engine(engine: Any, checkpoint_dir: str | Path, client_state: dict[str, Any]) -> None:
     """Every rank writes its part of the DeepSpeed checkpoint (model, optimizer, LR schedule)."""
     engine.save_checkpoint(

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from anchorless.platform.config import ExperimentConfig
-from anchorless.platform.engine import build_engine, load_engine, save_engine, training_autocast
+from anchorless.platform.engine import average_batchnorm_statistics, build_engine, load_engine, save_engine, training_autocast
 from anchorless.platform.progress import ProgressSender, forward_worker_warnings, quiet_worker_logs
 
 STATE_FILE = "anchorless_state.json"
@@ -121,6 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
 
     def evaluate(epoch: int) -> dict[str, Any]:
+        average_batchnorm_statistics(engine.module)  # every rank scores, and rank 0 saves, the same model
         if val_shard is not None:
             stream.close()  # its paused decode tasks hold CPU slots the validation stream needs
         return _evaluate(engine, val_shard, cfg, plan, rank, world_size, tracker, progress, epoch)
@@ -344,9 +345,11 @@ def _evaluate(
         return {}
     from anchorless.platform.data import to_model_inputs
 
+    from anchorless.platform.predict import to_original_pixels
+
     model = engine.module
     dtype = next(model.parameters()).dtype
-    predictions: list[tuple[int, float, dict[str, Any]]] = []
+    predictions: list[tuple[int, dict[str, Any]]] = []  # (image id, detections in original pixels)
     samples: list[dict[str, Any]] = []
     for batch in val_shard.iter_batches(
         batch_size=cfg.evaluation.batch_size, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches
@@ -355,7 +358,9 @@ def _evaluate(
         detections = model.predict(images.to(dtype))
         for i, detection in enumerate(detections):
             image_id, scale = int(meta["image_id"][i]), float(meta["scale"][i])
-            predictions.append((image_id, scale, {k: v.float().cpu().numpy() for k, v in detection.items()}))
+            # Clipped to the image as offline evaluation does: the letterbox padding is not image.
+            original = to_original_pixels(detection, scale, int(meta["orig_width"][i]), int(meta["orig_height"][i]))
+            predictions.append((image_id, {k: v.numpy() for k, v in original.items()}))
             if rank == 0 and len(samples) < NUM_SAMPLE_IMAGES:
                 samples.append({"image": batch["image"][i], "image_id": image_id, "scale": scale})
     gathered: list[Any] = [predictions]
@@ -383,11 +388,9 @@ def _score(
     from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_metrics
 
     everything = [item for part in gathered for item in part]
-    image_ids = [image_id for image_id, _, _ in everything]
-    detections = [{k: torch.from_numpy(v) for k, v in detection.items()} for _, _, detection in everything]
-    results = detections_to_coco_results(
-        detections, image_ids, scales=[scale for _, scale, _ in everything], label_to_category_id=plan["label_to_category_id"]
-    )
+    image_ids = [image_id for image_id, _ in everything]
+    detections = [{k: torch.from_numpy(v) for k, v in detection.items()} for _, detection in everything]
+    results = detections_to_coco_results(detections, image_ids, label_to_category_id=plan["label_to_category_id"])
     coco_gt = _ground_truth(plan["val_dir"])
     summary = coco_eval(coco_gt, results)  # every ground-truth image counts, predicted or not
     summary.update(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from anchorless.platform.config import ScheduleConfig, TrainingConfig
 from anchorless.platform.engine import (
     WarmupSchedule,
+    average_batchnorm_statistics,
     build_engine,
     deepspeed_config,
     load_engine,
@@ -141,3 +146,25 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(process_g
 def test_model_state_dict_names_a_directory_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         model_state_dict(tmp_path)
+
+
+def _batchnorm_statistics_on_two_ranks(rank: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.GroupNorm(2, 4))
+        model[1].running_mean.fill_(float(rank))  # each rank saw its own batches
+        model[1].running_var.fill_(1.0 + 2 * rank)
+        weight = model[0].weight.clone()
+        averaged = average_batchnorm_statistics(model)
+        results[rank] = (averaged, model[1].running_mean.tolist(), model[1].running_var.tolist(), torch.equal(weight, model[0].weight))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batchnorm_running_statistics_are_averaged_over_ranks_so_every_rank_holds_the_saved_model():
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.get_context("fork").Manager().dict()
+        mp.start_processes(_batchnorm_statistics_on_two_ranks, args=(os.path.join(tmp, "init"), results), nprocs=2, start_method="fork")
+        expected = (2, [0.5] * 4, [2.0] * 4, True)  # means and variances averaged; weights untouched
+        assert dict(results) == {0: expected, 1: expected}
+    assert average_batchnorm_statistics(torch.nn.BatchNorm2d(4)) == 0  # one process: nothing to do

@@ -200,10 +200,13 @@ def average_batchnorm_statistics(model: torch.nn.Module) -> int:
     ]  # fmt: skip
     if not buffers or not torch.distributed.is_initialized() or torch.distributed.get_world_size() < 2:
         return 0
-    flat = torch.nn.utils.parameters_to_vector(buffers).float()  # any tensors, flattened and joined
+    flat = torch.cat([stat.detach().float().flatten() for stat in buffers])  # averaged in float32
     torch.distributed.all_reduce(flat)
     flat /= torch.distributed.get_world_size()
-    torch.nn.utils.vector_to_parameters(flat.to(buffers[0].dtype), buffers)
+    # copy_ in place (not torch's vector_to_parameters, which rebinds .data): each buffer keeps
+    # its own dtype and the tensor DeepSpeed and the optimizer already hold.
+    for stat, averaged in zip(buffers, flat.split([stat.numel() for stat in buffers])):
+        stat.copy_(averaged.view_as(stat))
     return len(buffers)
 
 

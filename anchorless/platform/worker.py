@@ -344,7 +344,6 @@ def _evaluate(
     if val_shard is None:
         return {}
     from anchorless.platform.data import to_model_inputs
-
     from anchorless.platform.predict import to_original_pixels
 
     model = engine.module

@@ -162,9 +162,10 @@ def _batchnorm_statistics_on_two_ranks(rank: int, init_file: str, results) -> No
 
 
 def test_batchnorm_running_statistics_are_averaged_over_ranks_so_every_rank_holds_the_saved_model():
+    # Spawned, not forked: a forked child would inherit this session's one-process group.
     with tempfile.TemporaryDirectory() as tmp:
-        results = mp.get_context("fork").Manager().dict()
-        mp.start_processes(_batchnorm_statistics_on_two_ranks, args=(os.path.join(tmp, "init"), results), nprocs=2, start_method="fork")
+        results = mp.get_context("spawn").Manager().dict()
+        mp.start_processes(_batchnorm_statistics_on_two_ranks, args=(os.path.join(tmp, "init"), results), nprocs=2, start_method="spawn")
         expected = (2, [0.5] * 4, [2.0] * 4, True)  # means and variances averaged; weights untouched
         assert dict(results) == {0: expected, 1: expected}
     assert average_batchnorm_statistics(torch.nn.BatchNorm2d(4)) == 0  # one process: nothing to do

@@ -4,7 +4,7 @@ Three detectors, each trained from scratch for the same wall-clock budget of tra
 time on this machine (start-up and evaluation excluded on every side):
 
 - ``onenet_r18``: OneNet-R18 through ``anchorless.platform.train.train`` (two Ray Train
-  workers, DeepSpeed fp32, Ray Data), stopped by ``training.time_budget_minutes``;
+  workers, DeepSpeed, Ray Data, bf16 autocast), stopped by ``training.time_budget_minutes``;
 - ``fcos_r18``: our FCOS-R18 through the same path;
 - ``torchvision_fcos_r18``: torchvision's ``FCOS`` on a ResNet-18 FPN (P3-P7) trained by
   a plain single-process loop with two torch threads and one DataLoader worker (the

@@ -69,16 +69,14 @@ def score_on_split(
     scored by this same function, from the same letterboxed inputs.
     """
     from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
-    from anchorless.platform.predict import to_original_pixels
+    from anchorless.platform.predict import batch_to_original_pixels
     from anchorless.platform.shards import coco_ground_truth, read_manifest
 
     manifest = read_manifest(shard_dir)
     label_to_category = {int(c["label"]): int(c["coco_id"]) for c in manifest["categories"]}
     detections, image_ids = [], []
     for images, meta in iter_eval_batches(shard_dir, cfg):
-        for i, detection in enumerate(predict(images)):  # to original pixels, clipped, as the platform scores
-            size = int(meta["orig_width"][i]), int(meta["orig_height"][i])
-            detections.append(to_original_pixels(detection, float(meta["scale"][i]), *size))
+        detections += batch_to_original_pixels(predict(images), meta)  # clipped, as the platform scores
         image_ids += meta["image_id"].tolist()
     results = detections_to_coco_results(detections, image_ids, label_to_category_id=label_to_category)
     summary = coco_eval(coco_ground_truth(shard_dir), results)

@@ -36,6 +36,16 @@ def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
 
 
+def _init_convs(module: nn.Module, classifier: nn.Conv2d, prior_prob: float) -> None:
+    """Xavier weights and zero biases for every conv of ``module``; the classifier's bias
+    starts every class at ``prior_prob`` (the focal-loss prior)."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+    nn.init.constant_(classifier.bias, -math.log((1 - prior_prob) / prior_prob))
+
+
 class OneNetHead(nn.Module):
     """Classification and ltrb regression at stride 4, optionally with multi-head training.
 
@@ -91,21 +101,14 @@ class OneNetHead(nn.Module):
         self.cls_score = _conv3x3(in_channels, num_classes)
         self.ltrb_pred = _conv3x3(in_channels, 4)
         self.stages = nn.ModuleList(_conv3x3(2 * in_channels, in_channels) for _ in range(num_heads - 1))
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+        _init_convs(self, self.cls_score, prior_prob)
         nn.init.constant_(self.ltrb_pred.bias, ltrb_init / ltrb_scale)
         self.one_to_many_topk = one_to_many_topk
         self.one_to_many_shares_boxes = one_to_many_shares_boxes
         self.one_to_many: nn.Module | None = None
         if one_to_many_topk and one_to_many_shares_boxes:
             self.one_to_many = nn.Sequential(_conv3x3(in_channels, in_channels), nn.ReLU(), _conv3x3(in_channels, num_classes))
-            for conv in (self.one_to_many[0], self.one_to_many[2]):
-                nn.init.xavier_uniform_(conv.weight)
-                nn.init.zeros_(conv.bias)
-            nn.init.constant_(self.one_to_many[2].bias, -math.log((1 - prior_prob) / prior_prob))
+            _init_convs(self.one_to_many, self.one_to_many[2], prior_prob)
         elif one_to_many_topk:
             self.one_to_many = OneNetHead(in_channels, num_classes, prior_prob=prior_prob, ltrb_init=ltrb_init, ltrb_scale=ltrb_scale)
 

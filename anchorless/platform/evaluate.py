@@ -31,7 +31,7 @@ from anchorless.platform.export import (
     load_export,
     model_from_export,
 )
-from anchorless.platform.predict import to_original_pixels, write_json_atomic
+from anchorless.platform.predict import batch_to_original_pixels, write_json_atomic
 from anchorless.platform.progress import quiet_driver_console, quiet_ray_notices
 from anchorless.platform.shards import manifest_checksum
 
@@ -73,9 +73,7 @@ class _BatchPredictor:
         with torch.inference_mode():
             detections = self.model.predict(images)
         labels, scores, boxes = [], [], []
-        for index, detection in enumerate(detections):
-            width, height = int(batch["orig_width"][index]), int(batch["orig_height"][index])
-            original = to_original_pixels(detection, float(batch["scale"][index]), width, height)
+        for original in batch_to_original_pixels(detections, batch):
             labels.append(original["labels"].numpy().astype(np.int32))
             scores.append(original["scores"].numpy().astype(np.float32))
             boxes.append(original["boxes"].numpy().astype(np.float32).reshape(-1))

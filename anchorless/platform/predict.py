@@ -94,6 +94,17 @@ def to_original_pixels(
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
+def batch_to_original_pixels(
+    detections: Sequence[Mapping[str, torch.Tensor]], meta: Mapping[str, Any]
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`to_original_pixels` for each image of a pipeline batch; ``meta`` holds per image
+    ``scale``, ``orig_width`` and ``orig_height`` (a batch's numpy columns or its tensors)."""
+    return [
+        to_original_pixels(detection, float(meta["scale"][i]), int(meta["orig_width"][i]), int(meta["orig_height"][i]))
+        for i, detection in enumerate(detections)
+    ]
+
+
 def detect(
     model: torch.nn.Module,
     images: Sequence[torch.Tensor],

@@ -344,7 +344,7 @@ def _evaluate(
     if val_shard is None:
         return {}
     from anchorless.platform.data import to_model_inputs
-    from anchorless.platform.predict import to_original_pixels
+    from anchorless.platform.predict import batch_to_original_pixels
 
     model = engine.module
     dtype = next(model.parameters()).dtype
@@ -354,11 +354,10 @@ def _evaluate(
         batch_size=cfg.evaluation.batch_size, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches
     ):
         images, _, meta = to_model_inputs(batch, engine.device)
-        detections = model.predict(images.to(dtype))
-        for i, detection in enumerate(detections):
+        # Clipped to the image as offline evaluation does: the letterbox padding is not image.
+        detections = batch_to_original_pixels(model.predict(images.to(dtype)), meta)
+        for i, original in enumerate(detections):
             image_id, scale = int(meta["image_id"][i]), float(meta["scale"][i])
-            # Clipped to the image as offline evaluation does: the letterbox padding is not image.
-            original = to_original_pixels(detection, scale, int(meta["orig_width"][i]), int(meta["orig_height"][i]))
             predictions.append((image_id, {k: v.numpy() for k, v in original.items()}))
             if rank == 0 and len(samples) < NUM_SAMPLE_IMAGES:
                 samples.append({"image": batch["image"][i], "image_id": image_id, "scale": scale})

@@ -3,7 +3,7 @@
 Three detectors, each trained from scratch for the same wall-clock budget of training
 time on this machine (start-up and evaluation excluded on every side):
 
-- ``onenet_r18``: OneNet-R18 through ``anchorless.platform.train.train`` (two Ray Train
+- ``onenet_r18``: OneNet-R18 through ``anchorless.platform.training.driver.train`` (two Ray Train
   workers, DeepSpeed, Ray Data, bf16 autocast), stopped by ``training.time_budget_minutes``;
 - ``fcos_r18``: our FCOS-R18 through the same path;
 - ``torchvision_fcos_r18``: torchvision's ``FCOS`` on a ResNet-18 FPN (P3-P7) trained by
@@ -29,7 +29,7 @@ and the duplicate rate) on the BCCD test split, which no side saw.
 With ``--seeds N`` every detector trains N times (``training.seed`` 0..N-1: initial
 weights, data order and augmentation), seed by seed in turn, and the table shows
 the mean and the spread: at a few hundred steps from scratch, one run per side
-cannot rank these models (BENCHMARKS.md has two single runs 0.07-0.12 AP apart).
+cannot rank these models (see the single runs in BENCHMARKS.md).
 
 Prints a side-by-side table, then one JSON line (AP and AP50 are the means over seeds):
 ``{"onenet_r18": {"AP":…, "AP50":…, "AP_seeds": […], …}, "fcos_r18": {…}, "torchvision_fcos_r18": {…}, "minutes": …}``.
@@ -60,11 +60,9 @@ from common import ShardBatches, score_on_split  # noqa: E402
 OURS = ("onenet_r18", "fcos_r18")
 PEER = "torchvision_fcos_r18"
 DETECTORS = {
-    # From scratch, regressing box sides in strides (4 px) rather than raw pixels: measured
-    # over 7 min, AP 0.151 vs 0.108 (AP75 0.124 vs 0.017). The auxiliary one-to-many head
-    # (9 positives per object, training only): over 10 min, AP 0.214 vs 0.178 and duplicate
-    # rate 0.10 vs 0.26-0.37. That head sharing the box regression (the default):
-    # AP 0.348 vs 0.312 on seed 0. See BENCHMARKS.md.
+    # From scratch: box sides regressed in strides (4 px) rather than raw pixels, and the
+    # auxiliary one-to-many head (9 positives per object, training only) sharing the box
+    # regression; each was measured better on BCCD (BENCHMARKS.md, the OneNet-R18 probes).
     "onenet_r18": {
         "name": "onenet", "num_classes": 3, "backbone": {"depth": 18}, "head": {"ltrb_scale": 4.0, "one_to_many_topk": 9}
     },
@@ -137,8 +135,8 @@ def experiment_config(name: str, shards: dict[str, Path], workdir: Path, args: a
 
 
 def run_ours(name: str, cfg, shards: dict[str, Path]) -> dict:
-    from anchorless.platform.export import load_model
-    from anchorless.platform.train import train
+    from anchorless.platform.models.loading import load_model
+    from anchorless.platform.training.driver import train
 
     summary = train(cfg, restart=True, progress=True)
     model, _ = load_model(summary["export"])
@@ -169,8 +167,8 @@ def run_peer(cfg, shards: dict[str, Path], minutes: float) -> dict:
     """torchvision FCOS-R18 trained by a plain loop until ``minutes`` of training time."""
     from tqdm import tqdm
 
-    from anchorless.platform.data import to_model_inputs
-    from anchorless.platform.engine import WarmupSchedule, training_autocast
+    from anchorless.platform.data.pipeline import to_model_inputs
+    from anchorless.platform.training.engine import WarmupSchedule, training_autocast
 
     torch.set_num_threads(2)
     torch.manual_seed(cfg.training.seed)
@@ -225,7 +223,7 @@ def main() -> None:
     bccd = Path(args.bccd)
     if not (bccd / "annotations").is_dir():
         sys.exit(f"BCCD not found at {bccd} (pass --bccd or set ANCHORLESS_BCCD)")
-    from anchorless.platform.shards import write_shards
+    from anchorless.platform.data.shards import write_shards
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="anchorless-bench-bccd-"))
     shards = {}

@@ -21,7 +21,7 @@ class ShardBatches(torch.utils.data.Dataset):
     def __init__(self, shard_dir: Path, cfg: Any, *, train: bool = True) -> None:
         import pyarrow as pa
 
-        from anchorless.platform.shards import iter_shard_tables, read_manifest
+        from anchorless.platform.data.shards import iter_shard_tables, read_manifest
 
         self.table = pa.concat_tables(list(iter_shard_tables(shard_dir, read_manifest(shard_dir))))
         self.cfg, self.train = cfg, train
@@ -37,7 +37,7 @@ class ShardBatches(torch.utils.data.Dataset):
         return self.table.num_rows // batch if self.train else -(-self.table.num_rows // batch)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        from anchorless.platform.data import decode_and_transform
+        from anchorless.platform.data.pipeline import decode_and_transform
 
         data = self.cfg.data
         rows = self.order[index * data.batch_size : (index + 1) * data.batch_size]
@@ -50,7 +50,7 @@ class ShardBatches(torch.utils.data.Dataset):
 
 def iter_eval_batches(shard_dir: Path, cfg: Any) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """(images in [0, 1], meta) for every image of a split, letterboxed, no augmentation."""
-    from anchorless.platform.data import to_model_inputs
+    from anchorless.platform.data.pipeline import to_model_inputs
 
     batches = ShardBatches(shard_dir, cfg, train=False)
     for index in range(len(batches)):
@@ -68,9 +68,9 @@ def score_on_split(
     ``{"boxes" xyxy in input pixels, "scores", "labels" contiguous}``; every model is
     scored by this same function, from the same letterboxed inputs.
     """
-    from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
-    from anchorless.platform.predict import batch_to_original_pixels
-    from anchorless.platform.shards import coco_ground_truth, read_manifest
+    from anchorless.platform.data.shards import coco_ground_truth, read_manifest
+    from anchorless.platform.evaluation.metrics import score_detections
+    from anchorless.platform.models.predict import batch_to_original_pixels
 
     manifest = read_manifest(shard_dir)
     label_to_category = {int(c["label"]): int(c["coco_id"]) for c in manifest["categories"]}
@@ -78,7 +78,4 @@ def score_on_split(
     for images, meta in iter_eval_batches(shard_dir, cfg):
         detections += batch_to_original_pixels(predict(images), meta)  # clipped, as the platform scores
         image_ids += meta["image_id"].tolist()
-    results = detections_to_coco_results(detections, image_ids, label_to_category_id=label_to_category)
-    summary = coco_eval(coco_ground_truth(shard_dir), results)
-    summary["duplicate_rate"] = duplicate_rate(detections)
-    return summary
+    return score_detections(coco_ground_truth(shard_dir), detections, image_ids, label_to_category).metrics

@@ -2,7 +2,7 @@
 
 Both sides do the same work per image, on the same BCCD images, with the same
 number of CPU workers: decode the JPEG with ``torchvision.io.decode_image``,
-drop crowd boxes, run ``anchorless.platform.data.transform_image`` (the training
+drop crowd boxes, run ``anchorless.platform.data.pipeline.transform_image`` (the training
 augmentations + letterbox from ``transforms.py``), pack fixed-shape batches with
 ``pack_samples`` and hand them to ``to_model_inputs`` as a training worker would.
 
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from anchorless.platform.config import AugmentConfig, DataConfig  # noqa: E402
-from anchorless.platform.data import (  # noqa: E402
+from anchorless.platform.data.pipeline import (  # noqa: E402
     EpochStream,
     build_dataset,
     pack_samples,
@@ -55,7 +55,7 @@ from anchorless.platform.data import (  # noqa: E402
     to_model_inputs,
     transform_image,
 )
-from anchorless.platform.shards import write_shards  # noqa: E402
+from anchorless.platform.data.shards import write_shards  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -35,7 +35,7 @@ import torch
 from torchvision.models.detection import fcos_resnet50_fpn
 
 from anchorless.detectors import build_detector
-from anchorless.detectors.fusion import fold_batchnorm
+from anchorless.detectors.layers import fold_batchnorm
 
 NUM_CLASSES = 80
 

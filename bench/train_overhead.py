@@ -2,7 +2,7 @@
 
 Both train the quickstart's detector (configs/quickstart.yaml) on the same synthetic
 shards with the same batch, the same torch threads, the same augmentation code
-(``anchorless.platform.data.decode_and_transform``), AdamW, gradient clipping and the
+(``anchorless.platform.data.pipeline.decode_and_transform``), AdamW, gradient clipping and the
 same LR schedule. The bare loop decodes in one persistent DataLoader worker process,
 as a plain PyTorch script would; the platform decodes in Ray Data tasks. Throughput
 is training images per second over the epochs after the first (start-up excluded on
@@ -35,8 +35,8 @@ from common import ShardBatches  # noqa: E402
 
 
 def make_shards(root: Path, num_images: int, size: int) -> dict[str, Path]:
-    from anchorless.platform.shards import write_shards
-    from anchorless.platform.synth import generate_synthetic_coco
+    from anchorless.platform.data.shards import write_shards
+    from anchorless.platform.data.synth import generate_synthetic_coco
 
     files = generate_synthetic_coco(root / "synth", num_images=num_images, size=size, seed=0, progress=False)
     for split, annotations in files.items():
@@ -47,8 +47,8 @@ def make_shards(root: Path, num_images: int, size: int) -> dict[str, Path]:
 def bare_loop(cfg, shard_dir: Path, epochs: int, threads: int) -> list[float]:
     """Images/s of each epoch of a plain single-process training loop."""
     from anchorless.detectors import build_detector
-    from anchorless.platform.data import to_model_inputs
-    from anchorless.platform.engine import WarmupSchedule
+    from anchorless.platform.data.pipeline import to_model_inputs
+    from anchorless.platform.training.engine import WarmupSchedule
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.training.seed)
@@ -87,10 +87,10 @@ def bare_loop(cfg, shard_dir: Path, epochs: int, threads: int) -> list[float]:
 
 
 def platform_run(cfg, epochs: int) -> list[float]:
-    """Images/s of each epoch of `anchorless.platform.train.train` (from the run's MLflow metrics)."""
+    """Images/s of each epoch of `anchorless.platform.training.driver.train` (from the run's MLflow metrics)."""
     from mlflow import MlflowClient
 
-    from anchorless.platform.train import train
+    from anchorless.platform.training.driver import train
 
     summary = train(cfg, restart=True, progress=False)
     client = MlflowClient(summary["tracking_uri"])

@@ -17,8 +17,8 @@ def synthetic_shards(tmp_path_factory) -> Callable[..., dict[str, Path]]:
     Synthetic shapes (3 classes) at 64 px, generated and sharded once per session for
     each ``(num_images, seed)``; 80 % of the images are the train split.
     """
-    from anchorless.platform.shards import write_shards
-    from anchorless.platform.synth import generate_synthetic_coco
+    from anchorless.platform.data.shards import write_shards
+    from anchorless.platform.data.synth import generate_synthetic_coco
 
     made: dict[tuple[int, int], dict[str, Path]] = {}
 

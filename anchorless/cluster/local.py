@@ -43,7 +43,8 @@ from typing import Any, Iterator
 
 import psutil
 
-from anchorless.platform.errors import AnchorlessError
+from anchorless.errors import AnchorlessError
+from anchorless.files import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +99,8 @@ def state_path(state_dir: str | Path) -> Path:
 
 
 def write_state(state_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Write the state file atomically: a temporary file in the same directory, then rename."""
-    path = state_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(state, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write the state file atomically (private, 0600: it names the cluster's token file)."""
+    return write_json_atomic(state_path(state_dir), state, sort_keys=True)
 
 
 def read_state(state_dir: str | Path) -> dict[str, Any] | None:
@@ -191,12 +178,7 @@ def _ensure_token(state_dir: Path) -> Path:
         return path
     # Same format as Ray's own generator, which only writes to ~/.ray/auth_token.
     token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{TOKEN_FILE}.", dir=state_dir)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, token, mode=0o600)
 
 
 def _ray_temp_dir(state_dir: Path) -> Path:

@@ -18,9 +18,7 @@ renders is one that a launcher or the KubeRay operator can take.
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import shlex
-import tempfile
 from pathlib import Path
 from string import Template
 from typing import Any, Sequence
@@ -28,7 +26,8 @@ from typing import Any, Sequence
 import yaml
 
 import anchorless
-from anchorless.platform.errors import AnchorlessError
+from anchorless.errors import AnchorlessError
+from anchorless.files import write_atomic
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 TEMPLATES = {
@@ -61,8 +60,6 @@ PARAMETERS: dict[str, Any] = {
     "train_config": None,
     "overrides": (),
 }
-# Computed from the others, never passed in.
-_DERIVED = ("train_command",)
 
 KUBERAY_API_VERSION = "ray.io/v1"
 
@@ -125,13 +122,7 @@ def render_template(name: str, **values: Any) -> str:
 def write_template(name: str, out_path: str | Path, **values: Any) -> Path:
     """Render ``name`` and write it atomically to ``out_path``."""
     text = render_template(name, **values)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, out_path)
-    return out_path
+    return write_atomic(out_path, text)
 
 
 # --------------------------------------------------------------------------- validation

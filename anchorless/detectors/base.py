@@ -1,5 +1,6 @@
-"""What every dense detector shares: input normalisation, target checks, loss summing,
-the cross-rank loss normaliser, and the forward / predict contract.
+"""What every dense detector shares: building from its ``components`` table, input
+normalisation, target checks, loss summing, the cross-rank loss normaliser, and the
+forward / predict contract.
 
 Contract: ``forward(images, targets=None)`` with ``images`` (B, 3, H, W) floats in [0, 1]
 (H, W multiples of 32) and ``targets`` a list of B dicts with ``boxes`` (N, 4) xyxy in input
@@ -11,7 +12,7 @@ in eval mode without gradients and returns ``[{"boxes", "scores", "labels"}]``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Target = Mapping[str, torch.Tensor]
 Detections = list[dict[str, torch.Tensor]]
+# A detector's parts, in the order they are built and passed to BaseDetector.__init__.
+SECTIONS = ("backbone", "neck", "head", "assigner", "loss", "postprocess")
 
 
 class DetectorConfigError(ValueError):
@@ -74,12 +77,16 @@ def sum_losses(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class BaseDetector(nn.Module):
     """Base of the dense detectors: backbone -> neck -> head, then losses or inference.
 
-    Subclasses implement ``forward_head(features) -> outputs``,
-    ``losses(outputs, targets, image_size) -> dict`` and
-    ``inference(outputs, image_size) -> list[dict]``.
+    Subclasses set ``components``, the class of each section (the registry reads each
+    one's keyword-only arguments as that section's config), optionally ``defaults``
+    (per-section overrides of those arguments), and implement
+    ``forward_head(features) -> outputs``, ``losses(outputs, targets, image_size) -> dict``
+    and ``inference(outputs, image_size) -> list[dict]``.
     """
 
     size_divisor = 32
+    components: ClassVar[dict[str, type[nn.Module]]]
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(
         self,
@@ -124,6 +131,33 @@ class BaseDetector(nn.Module):
             return self(images)
         finally:
             self.train(was_training)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, num_classes: int, cfg: Mapping[str, Mapping[str, Any]]) -> BaseDetector:
+        """Build every section from ``cls.components[section]`` with its resolved settings.
+
+        The backbone returns the strides the neck takes, the neck's channels (and strides)
+        feed the head; the assigner, loss and post-processing take only their settings.
+        """
+        table = cls.components
+        parts: dict[str, nn.Module] = {}
+        parts["backbone"] = cls.make("backbone", table["backbone"], table["neck"].in_strides, **cfg["backbone"])
+        parts["neck"] = cls.make("neck", table["neck"], parts["backbone"].out_channels, **cfg["neck"])
+        parts["head"] = cls.make("head", table["head"], *cls.head_inputs(parts["neck"], num_classes), **cfg["head"])
+        for section in ("assigner", "loss", "postprocess"):
+            parts[section] = cls.make(section, table[section], **cfg[section])
+        cls.check_parts(parts)
+        return cls(num_classes, **parts)
+
+    @classmethod
+    def head_inputs(cls, neck: nn.Module, num_classes: int) -> tuple[Any, ...]:
+        """The head's positional arguments: the neck's width and the class count."""
+        return neck.out_channels[0], num_classes
+
+    @classmethod
+    def check_parts(cls, parts: Mapping[str, nn.Module]) -> None:
+        """Raise :class:`DetectorConfigError` where built parts do not fit together."""
 
     @staticmethod
     def make(section: str, factory: Any, *args: Any, **kwargs: Any) -> Any:
@@ -183,20 +217,7 @@ class BaseDetector(nn.Module):
 
 
 class SingleMapDetector(BaseDetector):
-    """A backbone, a neck that fuses its last map into one (the stride-4 deconvolution
-    upsampler of CenterNet and OneNet), and one head on that map.
-
-    ``components`` names the classes; ``from_config`` wires them the same way for every
-    detector of this family.
-    """
+    """A backbone, a neck that fuses its maps into one stride-4 map (CenterNet's
+    deconvolution upsampler, as OneNet uses it too), and one head on that map."""
 
     stride = 4
-
-    @classmethod
-    def from_config(cls, num_classes: int, cfg: dict[str, dict[str, Any]]) -> "SingleMapDetector":
-        parts = cls.components
-        backbone = cls.make("backbone", parts["backbone"], parts["neck"].in_strides, **cfg["backbone"])
-        neck = cls.make("neck", parts["neck"], backbone.out_channels, **cfg["neck"])
-        head = cls.make("head", parts["head"], neck.out_channels[0], num_classes, **cfg["head"])
-        rest = (cls.make(name, parts[name], **cfg[name]) for name in ("assigner", "loss", "postprocess"))
-        return cls(num_classes, backbone, neck, head, *rest)

@@ -21,6 +21,7 @@ from anchorless.detectors.base import Detections, SingleMapDetector, reduce_norm
 from anchorless.detectors.losses import GaussianFocalLoss, L1Loss
 from anchorless.detectors.necks import DeconvUpsampler
 from anchorless.detectors.postprocess import Postprocess, heatmap_peaks, topk_heatmap
+from anchorless.detectors.registry import register
 
 # CenterNet clamps the heatmap probability so log() and the focal terms stay finite.
 PROB_EPS = 1e-4
@@ -85,6 +86,7 @@ class CenterNetLoss(nn.Module):
         self.offset_loss = L1Loss(weight=offset)
 
 
+@register("centernet")
 class CenterNet(SingleMapDetector):
     """CenterNet: ResNet + deconvolution upsampler, Gaussian heatmap targets, peak decoding."""
 
@@ -111,12 +113,12 @@ class CenterNet(SingleMapDetector):
         batch, num_classes, height, width = prob.shape
         heatmaps, pred_size, pred_offset, gt_size, gt_offset = [], [], [], [], []
         for i, target in enumerate(targets):
-            t = self.assigner(target["boxes"], target["labels"], num_classes, (height, width), self.stride)
-            heatmaps.append(t.heatmap)  # (C, H, W)
-            pred_size.append(size[i].flatten(1)[:, t.indices].T)  # (K, 2)
-            pred_offset.append(offset[i].flatten(1)[:, t.indices].T)  # (K, 2)
-            gt_size.append(t.sizes)  # (K, 2)
-            gt_offset.append(t.offsets)  # (K, 2)
+            match = self.assigner(target["boxes"], target["labels"], num_classes, (height, width), self.stride)
+            heatmaps.append(match.heatmap)  # (C, H, W)
+            pred_size.append(size[i].flatten(1)[:, match.pred_idx].T)  # (K, 2)
+            pred_offset.append(offset[i].flatten(1)[:, match.pred_idx].T)  # (K, 2)
+            gt_size.append(match.box_targets[:, :2])  # (K, 2) width, height
+            gt_offset.append(match.box_targets[:, 2:])  # (K, 2) centre minus its cell
         heatmap = torch.stack(heatmaps)  # (B, C, H, W)
         pred_size, gt_size = torch.cat(pred_size), torch.cat(gt_size)  # (K_total, 2)
         pred_offset, gt_offset = torch.cat(pred_offset), torch.cat(gt_offset)  # (K_total, 2)

@@ -4,8 +4,8 @@ regression normalised by the stride.
 
 Every location of P3-P7 inside a box whose size suits that level regresses the distances
 (l, t, r, b) to the box sides; a centerness branch down-weights off-centre locations at
-test time. Inference keeps cls > 0.05, top 1000 per level, score sqrt(cls * centerness),
-class-wise NMS at 0.6, top 100.
+test time. Inference (:class:`LevelwisePostprocess`) keeps cls > 0.05, top 1000 per level,
+score sqrt(cls * centerness), class-wise NMS at 0.6, top 100.
 
 Shapes: B images, C classes, L levels, R = locations of all levels, P = positives.
 """
@@ -13,18 +13,19 @@ Shapes: B images, C classes, L levels, R = locations of all levels, P = positive
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torchvision.ops import clip_boxes_to_image
 
 from anchorless.detectors.assigners import PointAssigner
 from anchorless.detectors.backbones import ResNetBackbone
 from anchorless.detectors.base import BaseDetector, DetectorConfigError, Detections, grid_points, reduce_normalizer
 from anchorless.detectors.losses import CenternessLoss, FocalLoss, IoULoss, centerness_target
 from anchorless.detectors.necks import FPN
-from anchorless.detectors.postprocess import LevelwisePostprocess
+from anchorless.detectors.postprocess import LevelwisePostprocess, decode_ltrb
+from anchorless.detectors.registry import register
 
 
 def _tower(channels: int, num_convs: int) -> nn.Sequential:
@@ -115,6 +116,7 @@ class FCOSLoss(nn.Module):
         self.centerness_loss = CenternessLoss(weight=centerness)
 
 
+@register("fcos")
 class FCOS(BaseDetector):
     """FCOS: ResNet + FPN P3-P7, shared head, PointAssigner, per-level top-k + NMS."""
 
@@ -130,24 +132,17 @@ class FCOS(BaseDetector):
     defaults = {"backbone": {"depth": 50, "norm": "frozen_bn", "frozen_stages": 2}}
 
     @classmethod
-    def from_config(cls, num_classes: int, cfg: dict[str, dict[str, Any]]) -> FCOS:
-        backbone = cls.make("backbone", ResNetBackbone, FPN.in_strides, **cfg["backbone"])
-        neck = cls.make("neck", FPN, backbone.out_channels, **cfg["neck"])
-        assigner = cls.make("assigner", PointAssigner, **cfg["assigner"])
-        if assigner.num_levels != len(FPN.out_strides):
+    def head_inputs(cls, neck: nn.Module, num_classes: int) -> tuple[Any, ...]:
+        return neck.out_channels[0], num_classes, neck.out_strides
+
+    @classmethod
+    def check_parts(cls, parts: Mapping[str, nn.Module]) -> None:
+        levels, strides = parts["assigner"].num_levels, parts["neck"].out_strides
+        if levels != len(strides):
             raise DetectorConfigError(
-                f"detector.assigner.size_ranges: {assigner.num_levels + 1} entries give {assigner.num_levels} "
-                f"levels; the FPN has {len(FPN.out_strides)} (P3-P7), so give {len(FPN.out_strides) + 1}"
+                f"detector.assigner.size_ranges: {levels + 1} entries give {levels} levels; the neck has "
+                f"{len(strides)} (strides {', '.join(map(str, strides))}), so give {len(strides) + 1}"
             )
-        return cls(
-            num_classes,
-            backbone,
-            neck,
-            cls.make("head", FCOSHead, neck.out_channels[0], num_classes, FPN.out_strides, **cfg["head"]),
-            assigner,
-            cls.make("loss", FCOSLoss, **cfg["loss"]),
-            cls.make("postprocess", LevelwisePostprocess, **cfg["postprocess"]),
-        )
 
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
         cls_logits, ltrb, centerness = self.head(features)
@@ -160,13 +155,11 @@ class FCOS(BaseDetector):
             point_strides.append(torch.full((height * width,), stride, device=device))
             point_levels.append(torch.full((height * width,), level, device=device, dtype=torch.long))
             sizes.append(height * width)
-        points = torch.cat(points)  # (R, 2)
-        boxes = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)  # (B, R, 4)
         return {
             "cls_logits": cls_logits,  # (B, R, C)
-            "boxes": boxes,  # (B, R, 4)
+            "ltrb": ltrb,  # (B, R, 4) in pixels; decoded to boxes only where needed
             "centerness": centerness,  # (B, R)
-            "points": points,  # (R, 2)
+            "points": torch.cat(points),  # (R, 2)
             "point_strides": torch.cat(point_strides),  # (R,)
             "point_levels": torch.cat(point_levels),  # (R,)
             "level_sizes": sizes,  # L ints
@@ -175,20 +168,20 @@ class FCOS(BaseDetector):
     def losses(
         self, outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]], image_size: tuple[int, int]
     ) -> dict[str, torch.Tensor]:
-        cls_logits, boxes, centerness = outputs["cls_logits"], outputs["boxes"], outputs["centerness"]
+        cls_logits, ltrb, centerness = outputs["cls_logits"], outputs["ltrb"], outputs["centerness"]
         points = outputs["points"]  # (R, 2)
         cls_targets = torch.zeros_like(cls_logits)  # (B, R, C)
-        pos_points, pos_pred, pos_gt, pos_ctr_logits = [], [], [], []
+        pos_points, pos_ltrb, pos_gt, pos_ctr_logits = [], [], [], []
         for i, target in enumerate(targets):
-            matched = self.assigner(points, outputs["point_strides"], outputs["point_levels"], target["boxes"])  # (R,)
-            pos = torch.nonzero(matched >= 0).squeeze(1)  # (P_i,)
-            cls_targets[i, pos, target["labels"][matched[pos]]] = 1.0
+            match = self.assigner(points, outputs["point_strides"], outputs["point_levels"], target["boxes"])
+            pos, gt_idx = match.pred_idx, match.gt_idx  # (P_i,) each
+            cls_targets[i, pos, target["labels"][gt_idx]] = 1.0
             pos_points.append(points[pos])  # (P_i, 2)
-            pos_pred.append(boxes[i, pos])  # (P_i, 4)
-            pos_gt.append(target["boxes"][matched[pos]])  # (P_i, 4)
+            pos_ltrb.append(ltrb[i, pos])  # (P_i, 4)
+            pos_gt.append(target["boxes"][gt_idx])  # (P_i, 4)
             pos_ctr_logits.append(centerness[i, pos])  # (P_i,)
         pos_points, ctr_logits = torch.cat(pos_points), torch.cat(pos_ctr_logits)  # (P, 2), (P,)
-        pred_boxes, gt_boxes = torch.cat(pos_pred), torch.cat(pos_gt)  # (P, 4)
+        pred_boxes, gt_boxes = decode_ltrb(pos_points, torch.cat(pos_ltrb)), torch.cat(pos_gt)  # (P, 4)
 
         gt_ltrb = torch.cat([pos_points - gt_boxes[:, :2], gt_boxes[:, 2:] - pos_points], dim=1)  # (P, 4)
         ctr_targets = centerness_target(gt_ltrb)  # (P,)
@@ -203,25 +196,11 @@ class FCOS(BaseDetector):
         }
 
     def inference(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> Detections:
-        post = self.postprocess
-        cls_probs = outputs["cls_logits"].sigmoid()  # (B, R, C)
-        ctr_probs = outputs["centerness"].sigmoid()  # (B, R)
-        level_sizes = outputs["level_sizes"]
-        detections = []
-        for probs, ctr, image_boxes in zip(cls_probs, ctr_probs, outputs["boxes"]):
-            kept_boxes, kept_scores, kept_labels = [], [], []
-            for level_probs, level_ctr, level_boxes in zip(
-                probs.split(level_sizes), ctr.split(level_sizes), image_boxes.split(level_sizes)
-            ):
-                point_idx, labels = torch.nonzero(level_probs > post.score_threshold, as_tuple=True)  # (N,)
-                scores = level_probs[point_idx, labels] * level_ctr[point_idx]  # (N,)
-                if scores.numel() > post.pre_nms_topk:
-                    scores, top = scores.topk(post.pre_nms_topk)
-                    point_idx, labels = point_idx[top], labels[top]
-                kept_boxes.append(level_boxes[point_idx])
-                kept_scores.append(scores)
-                kept_labels.append(labels)
-            boxes = clip_boxes_to_image(torch.cat(kept_boxes), image_size)  # (N, 4)
-            scores = torch.cat(kept_scores).sqrt()  # (N,)
-            detections.append(post.select(boxes, scores, torch.cat(kept_labels)))
-        return detections
+        return self.postprocess(
+            outputs["cls_logits"].sigmoid(),  # (B, R, C)
+            outputs["ltrb"],
+            outputs["points"],
+            outputs["level_sizes"],
+            image_size,
+            quality=outputs["centerness"].sigmoid(),  # (B, R)
+        )

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 from torchvision.ops import clip_boxes_to_image
 
-from anchorless.detectors.assigners import MinCostAssigner
+from anchorless.detectors.assigners import AssignResult, MinCostAssigner
 from anchorless.detectors.backbones import ResNetBackbone
 from anchorless.detectors.base import Detections, SingleMapDetector, grid_points, reduce_normalizer
 from anchorless.detectors.losses import FocalLoss, IoULoss, L1Loss
 from anchorless.detectors.necks import DeconvUpsampler
-from anchorless.detectors.postprocess import Postprocess, topk_dense
+from anchorless.detectors.postprocess import Postprocess, decode_ltrb, topk_dense
+from anchorless.detectors.registry import register
 
 
 def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -159,6 +160,7 @@ class OneNetLoss(nn.Module):
         self.one_to_many = one_to_many
 
 
+@register("onenet")
 class OneNet(SingleMapDetector):
     """OneNet: ResNet + deconvolution upsampler, MinCostAssigner, NMS-free top-k."""
 
@@ -184,8 +186,7 @@ class OneNet(SingleMapDetector):
         """(B, C, H, W) logits, (B, 4, H, W) ltrb -> per-location logits (B, R, C), xyxy boxes (B, R, 4), points (R, 2)."""
         height, width = cls_logits.shape[-2:]
         points = grid_points(height, width, self.stride, cls_logits.device)  # (R, 2)
-        ltrb = ltrb.flatten(2).transpose(1, 2)  # (B, R, 4)
-        boxes = torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)  # (B, R, 4)
+        boxes = decode_ltrb(points, ltrb.flatten(2).transpose(1, 2))  # (B, R, 4)
         return {"cls_logits": cls_logits.flatten(2).transpose(1, 2), "boxes": boxes, "points": points}
 
     def losses(
@@ -210,7 +211,7 @@ class OneNet(SingleMapDetector):
                 )
                 for i, t in enumerate(targets)
             ]
-            num_positives = reduce_normalizer(sum(len(pred_idx) for pred_idx, _ in matches), device)
+            num_positives = reduce_normalizer(sum(match.num_pos for match in matches), device)
             for name, value in self._head_losses(head, targets, matches, image_size, num_positives).items():
                 losses[name + "_o2m"] = self.loss.one_to_many * value
         return losses
@@ -219,19 +220,19 @@ class OneNet(SingleMapDetector):
         self,
         head: dict[str, torch.Tensor],
         targets: list[dict[str, torch.Tensor]],
-        matches: list[tuple[torch.Tensor, torch.Tensor]],
+        matches: list[AssignResult],
         image_size: tuple[int, int],
         normalizer: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Focal, L1 and GIoU terms of one head given its (pred_idx, gt_idx) per image."""
+        """Focal, L1 and GIoU terms of one head given its assignment per image."""
         cls_logits, boxes = head["cls_logits"], head["boxes"]  # (B, R, C), (B, R, 4)
         cls_targets = torch.zeros_like(cls_logits)  # (B, R, C)
         matched_pred, matched_gt = [], []
-        for i, (target, (pred_idx, gt_idx)) in enumerate(zip(targets, matches)):
+        for i, (target, match) in enumerate(zip(targets, matches)):
             # Two ground truths may pick one location (mode "min"): it learns both classes.
-            cls_targets[i, pred_idx, target["labels"][gt_idx]] = 1.0
-            matched_pred.append(boxes[i, pred_idx])  # (K, 4)
-            matched_gt.append(target["boxes"][gt_idx])  # (K, 4)
+            cls_targets[i, match.pred_idx, target["labels"][match.gt_idx]] = 1.0
+            matched_pred.append(boxes[i, match.pred_idx])  # (K, 4)
+            matched_gt.append(target["boxes"][match.gt_idx])  # (K, 4)
         pred_boxes, gt_boxes = torch.cat(matched_pred), torch.cat(matched_gt)  # (K_total, 4)
         height, width = image_size
         scale = pred_boxes.new_tensor([width, height, width, height])  # (4,)

@@ -1,4 +1,10 @@
-"""Build a detector from a plain config dict; every weight has a dotted path.
+"""The detectors by name, and building one from a plain config dict; every weight has a
+dotted path.
+
+A detector registers itself with one line, ``@register("onenet")`` on its class;
+:data:`DETECTORS` is the read-only view of the names registered so far (the package's
+``__init__`` imports every detector module, so all are registered once
+``anchorless.detectors`` is imported).
 
 A config names the detector and gives, per section, the keyword-only arguments of that
 section's module::
@@ -18,16 +24,15 @@ import copy
 import inspect
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar, Union
 
-from anchorless.detectors.base import BaseDetector, DetectorConfigError
-from anchorless.detectors.centernet import CenterNet
-from anchorless.detectors.fcos import FCOS
-from anchorless.detectors.onenet import OneNet
+from anchorless.detectors.base import SECTIONS, BaseDetector, DetectorConfigError
 
-DETECTORS: dict[str, type[BaseDetector]] = {"centernet": CenterNet, "fcos": FCOS, "onenet": OneNet}
-SECTIONS = ("backbone", "neck", "head", "assigner", "loss", "postprocess")
+DetectorClass = TypeVar("DetectorClass", bound=type[BaseDetector])
+
+_REGISTERED: dict[str, type[BaseDetector]] = {}
+DETECTORS: Mapping[str, type[BaseDetector]] = types.MappingProxyType(_REGISTERED)
 DEFAULT_NUM_CLASSES = 80  # COCO
 ROOT = "detector"
 
@@ -37,8 +42,35 @@ __all__ = [
     "DetectorConfigError",
     "build_detector",
     "default_detector_config",
+    "register",
     "resolve_detector_config",
 ]
+
+
+def register(name: str) -> Callable[[DetectorClass], DetectorClass]:
+    """Class decorator: make a detector buildable as ``{"name": name, ...}``.
+
+    A name belongs to one class: registering another class under a taken name raises
+    ``ValueError`` (registering the same class again is a no-op). The class must give a
+    component for every section, so a config can be resolved against it.
+    """
+
+    def decorator(cls: DetectorClass) -> DetectorClass:
+        if not (isinstance(cls, type) and issubclass(cls, BaseDetector)):
+            raise TypeError(f"register({name!r}): {cls!r} is not a BaseDetector subclass")
+        taken = _REGISTERED.get(name)
+        if taken is not None and taken is not cls:
+            raise ValueError(
+                f"detector name {name!r} is already registered to {taken.__module__}.{taken.__qualname__}; "
+                f"register {cls.__module__}.{cls.__qualname__} under another name"
+            )
+        missing = [section for section in SECTIONS if section not in getattr(cls, "components", {})]
+        if missing:
+            raise TypeError(f"register({name!r}): {cls.__qualname__}.components lacks {', '.join(missing)}")
+        _REGISTERED[name] = cls
+        return cls
+
+    return decorator
 
 
 # --------------------------------------------------------------------------- types
@@ -119,7 +151,7 @@ def _resolve_section(detector: type[BaseDetector], section: str, given: Any) -> 
         raise DetectorConfigError(f"{path}: expected a mapping of settings, got {_describe(given)}")
     parameters = config_parameters(detector.components[section])
     resolved = {name: default for name, (default, _) in parameters.items()}
-    resolved.update(copy.deepcopy(getattr(detector, "defaults", {}).get(section, {})))
+    resolved.update(copy.deepcopy(detector.defaults.get(section, {})))
     for key, value in given.items():
         if key not in parameters:
             expected = ", ".join(sorted(parameters)) or "(no settings)"

@@ -42,7 +42,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from anchorless.platform.synth import generate_synthetic_coco
+    from anchorless.platform.data.synth import generate_synthetic_coco
 
     files = generate_synthetic_coco(
         args.out, num_images=args.num_images, size=args.size, seed=args.seed, val_fraction=args.val_fraction
@@ -54,7 +54,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_shard(args: argparse.Namespace) -> int:
-    from anchorless.platform.shards import format_manifest_summary, write_shards
+    from anchorless.platform.data.shards import format_manifest_summary, write_shards
 
     manifest = write_shards(
         args.annotations, args.images, args.out, target_shard_mb=args.shard_mb, workers=args.workers
@@ -64,7 +64,7 @@ def _data_shard(args: argparse.Namespace) -> int:
 
 
 def _data_inspect(args: argparse.Namespace) -> int:
-    from anchorless.platform.inspect import format_inspection, inspect_shards
+    from anchorless.platform.data.inspect import format_inspection, inspect_shards
 
     out_png = args.out or str(Path(args.shard_dir) / "inspect.png")
     report = inspect_shards(args.shard_dir, out_png, num_samples=args.samples, seed=args.seed)
@@ -78,7 +78,7 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from anchorless.platform.config import load_config
-    from anchorless.platform.train import train
+    from anchorless.platform.training.driver import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, address=args.address, restart=args.restart)
@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from anchorless.platform.evaluate import evaluate
+    from anchorless.platform.evaluation.offline import evaluate
 
     summary = evaluate(
         args.model, args.data, batch_size=args.batch_size, out_dir=args.out, address=args.address
@@ -97,7 +97,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from anchorless.platform.predict import predict_images
+    from anchorless.platform.models.predict import predict_images
 
     out = predict_images(args.model, args.images, args.out, score_threshold=args.score_threshold)
     print(f"detections: {out}")
@@ -108,7 +108,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from anchorless.platform.tune import tune_campaign
+    from anchorless.platform.tuning.runner import tune_campaign
 
     summary = tune_campaign(args.campaign, args.overrides, address=args.address, restart=args.restart)
     _print_json_line(summary)
@@ -117,7 +117,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _tracking_uri(args: argparse.Namespace) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else a running local cluster's server, else the workspace store."""
-    from anchorless.platform.tracking import resolve_tracking_uri
+    from anchorless.platform.tracking.store import resolve_tracking_uri
 
     if args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return resolve_tracking_uri(args.tracking_uri, args.workspace)
@@ -132,7 +132,7 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 def _registry_client(args: argparse.Namespace):
     from mlflow import MlflowClient
 
-    from anchorless.platform.tracking import check_reachable
+    from anchorless.platform.tracking.store import check_reachable
 
     uri = _tracking_uri(args)
     check_reachable(uri)
@@ -140,14 +140,14 @@ def _registry_client(args: argparse.Namespace):
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from anchorless.platform.registry import format_model_rows, list_models
+    from anchorless.platform.registry.versions import format_model_rows, list_models
 
     print(format_model_rows(list_models(_registry_client(args), args.name)))
     return 0
 
 
 def _models_promote(args: argparse.Namespace) -> int:
-    from anchorless.platform.registry import Guard, PromotionPolicy, evaluate_version, promote
+    from anchorless.platform.registry.promotion import Guard, PromotionPolicy, evaluate_version, promote
 
     policy = PromotionPolicy(metric=args.metric, mode=args.mode, margin=args.margin)
     if args.no_guards:
@@ -175,7 +175,7 @@ def _models_promote(args: argparse.Namespace) -> int:
 
 
 def _models_rollback(args: argparse.Namespace) -> int:
-    from anchorless.platform.registry import rollback
+    from anchorless.platform.registry.versions import rollback
 
     before, after = rollback(_registry_client(args), args.name, alias=args.to)
     print(f"{args.name}@{args.to}: v{before} -> v{after}")
@@ -289,8 +289,8 @@ def _jobs(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     """Synthetic data -> shards -> the main training job, all on the embedded default."""
     from anchorless.platform.config import load_config
-    from anchorless.platform.shards import format_manifest_summary, write_shards
-    from anchorless.platform.synth import generate_synthetic_coco
+    from anchorless.platform.data.shards import format_manifest_summary, write_shards
+    from anchorless.platform.data.synth import generate_synthetic_coco
 
     cfg = load_config(args.config, args.overrides)
     root = Path(cfg.workspace) / "quickstart"
@@ -303,7 +303,7 @@ def _quickstart(args: argparse.Namespace) -> int:
         manifest = write_shards(annotations, synth_dir / "images", shard_dir)
         print(format_manifest_summary(manifest, shard_dir))
     print(f"[3/3] training {cfg.detector['name']} ({cfg.training.num_workers} Ray Train workers, DeepSpeed)", flush=True)
-    from anchorless.platform.train import train
+    from anchorless.platform.training.driver import train
 
     summary = train(cfg, restart=True)
     uri = summary.get("tracking_uri")
@@ -551,7 +551,7 @@ def _parse_with_overrides_anywhere(parser: argparse.ArgumentParser, argv: list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from anchorless.platform.errors import AnchorlessError
+    from anchorless.errors import AnchorlessError
 
     parser = build_parser()
     args = _parse_with_overrides_anywhere(parser, argv)

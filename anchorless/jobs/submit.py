@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 from anchorless.cluster.local import default_state_dir, names_this_cluster, read_state
-from anchorless.platform.errors import AnchorlessError
+from anchorless.errors import AnchorlessError
 
 JOB_KINDS = ("train", "tune", "evaluate")
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -1,7 +1,11 @@
-"""Turns a config into a trained, evaluated, tracked model.
+"""Turns a config into a trained, evaluated, tracked and shippable model.
 
-The config schema, the data path (COCO ingest, Parquet shards, the Ray Data
-pipeline, synthetic data), the Ray Train + DeepSpeed training loop, evaluation,
-Ray Tune campaigns, MLflow tracking and the model registry live here. It depends
-on ``anchorless.detectors`` and never on ``anchorless.jobs``.
+A wing per stage of an image's path, each importing only the wings before it:
+``data`` (ingest, shards, the Ray Data pipeline) ← ``tracking`` (MLflow runs) ←
+``models`` (the portable file, loading, prediction, the MLflow pyfunc) ←
+``evaluation`` (scoring, offline evaluation, plots) ← ``registry`` (versions,
+promotion) and ``training`` (the driver, the worker loop, DeepSpeed) ← ``tuning``
+(campaigns on Ray Tune). At the top, the common ground every wing may use:
+``config``, ``progress`` and ``ray_session``. It depends on ``anchorless.detectors``
+and never on ``anchorless.jobs``.
 """

@@ -6,9 +6,10 @@ field can be overridden from the command line as ``key.path=value`` (the value
 is parsed as a YAML scalar), and an unknown key or a wrong type is an error that
 names the key and the file, never a silent no-op.
 
-The ``detector`` section is validated against the defaults the detector itself
-declares (``anchorless.detectors.default_detector_config``), so the resolved
-config shows every weight a detector has under its dotted path.
+The ``detector`` section is resolved by the detectors' own resolver
+(``anchorless.detectors.resolve_detector_config``): every key and the type of every
+value is checked here, at config time, and the resolved config shows every weight a
+detector has under its dotted path.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from anchorless.platform.errors import AnchorlessError
-
+from anchorless.detectors import resolve_detector_config
+from anchorless.errors import AnchorlessError
 
 DEFAULT_DETECTOR = "onenet"
 
@@ -201,7 +202,8 @@ class ExperimentConfig(_Section):
     def _resolve_detector(cls, value: Any) -> dict[str, Any]:
         if not isinstance(value, Mapping):
             raise ValueError(f"expected a mapping with a `name`, got {type(value).__name__}")
-        return resolve_detector_config(value)
+        # DetectorConfigError is a ValueError whose message starts with the dotted key.
+        return resolve_detector_config({"name": DEFAULT_DETECTOR, **value})
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -212,31 +214,6 @@ class ExperimentConfig(_Section):
     def flat(self) -> dict[str, Any]:
         """Dotted keys to leaf values, e.g. for MLflow params."""
         return flatten(self.to_dict())
-
-
-def resolve_detector_config(value: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge a detector section onto the detector's own defaults; unknown keys are errors."""
-    from anchorless.detectors import DETECTORS, default_detector_config
-
-    name = value.get("name", DEFAULT_DETECTOR)
-    if name not in DETECTORS:
-        raise ValueError(f"detector.name: unknown detector {name!r}; expected one of {', '.join(sorted(DETECTORS))}")
-    return _merge_strict(default_detector_config(name), {**value, "name": name}, "detector")
-
-
-def _merge_strict(defaults: dict[str, Any], value: Mapping[str, Any], path: str) -> dict[str, Any]:
-    merged = copy.deepcopy(defaults)
-    for key, item in value.items():
-        dotted = f"{path}.{key}"
-        if key not in defaults:
-            raise ValueError(f"{dotted}: unknown key; expected one of {', '.join(sorted(defaults))}")
-        if isinstance(defaults[key], dict):
-            if not isinstance(item, Mapping):
-                raise ValueError(f"{dotted}: expected a mapping, got {item!r}")
-            merged[key] = _merge_strict(defaults[key], item, dotted)
-        else:
-            merged[key] = item
-    return merged
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -27,8 +27,9 @@ from typing import Any
 import pytest
 
 from anchorless.platform.config import build_config
-from anchorless.platform.train import plan_run, train
-from anchorless.platform.worker import STATE_FILE
+from anchorless.platform.training.driver import train
+from anchorless.platform.training.plan import plan_run
+from anchorless.platform.training.worker import STATE_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +107,7 @@ def make_cfg(tiny_config, tmp_path_factory, shards):
 
 @pytest.fixture(autouse=True)
 def _no_fault_injection(monkeypatch):
-    from anchorless.platform.train import FAULT_ENV
+    from anchorless.platform.training.plan import FAULT_ENV
 
     monkeypatch.delenv(FAULT_ENV, raising=False)
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from anchorless.detectors import build_detector
-from anchorless.detectors.evaluation import coco_eval, detections_to_coco_results, duplicate_rate
-from anchorless.platform.synth import generate_synthetic_coco
+from anchorless.platform.evaluation.metrics import coco_eval, detections_to_coco_results, duplicate_rate
+from anchorless.platform.data.synth import generate_synthetic_coco
 
 from .conftest import load_synthetic, small_config
 

@@ -7,7 +7,8 @@ import torch
 from torchvision.models import resnet18
 
 import anchorless.detectors as detectors
-from anchorless.detectors import DETECTORS, DetectorConfigError, build_detector, default_detector_config
+from anchorless.detectors import DETECTORS, DetectorConfigError, build_detector, default_detector_config, register
+from anchorless.detectors import registry
 from anchorless.detectors.centernet import CenterNet
 from anchorless.detectors.fcos import FCOS
 from anchorless.detectors.onenet import OneNet
@@ -113,12 +114,62 @@ def test_frozen_stages_and_frozen_bn_take_effect():
 
 
 def test_the_package_never_imports_ray_deepspeed_or_mlflow():
-    sources = "\n".join(p.read_text() for p in PACKAGE.glob("*.py"))
+    sources = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))  # the sub-packages too
     for name in ("ray", "deepspeed", "mlflow"):
         assert f"import {name}" not in sources and f"from {name}" not in sources
-    code = (
-        "import sys, anchorless.detectors, anchorless.detectors.evaluation;"
+    code = (  # every module of the package, imported
+        "import sys, importlib, pkgutil, anchorless.detectors as d;"
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(d.__path__, 'anchorless.detectors.')];"
         "bad = [m for m in ('ray', 'deepspeed', 'mlflow') if m in sys.modules];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------- @register
+
+
+@pytest.fixture
+def scratch_registry():
+    """Whatever a test registers is gone after it."""
+    before = dict(DETECTORS)
+    yield
+    registry._REGISTERED.clear()
+    registry._REGISTERED.update(before)
+
+
+def test_register_decorator_makes_a_new_detector_buildable_by_its_name(scratch_registry):
+    @register("onenet_r18")
+    class OneNetR18(OneNet):
+        defaults = {"backbone": {"depth": 18, "norm": "bn"}}
+
+    assert DETECTORS["onenet_r18"] is OneNetR18
+    assert default_detector_config("onenet_r18")["backbone"]["depth"] == 18
+    model = build_detector({"name": "onenet_r18", "num_classes": 2})
+    assert type(model) is OneNetR18 and model.config["name"] == "onenet_r18"
+
+
+def test_registering_a_second_class_under_a_taken_name_is_refused(scratch_registry):
+    with pytest.raises(ValueError, match=r"detector name 'fcos' is already registered to anchorless\.detectors\.fcos\.FCOS"):
+
+        @register("fcos")
+        class OtherFCOS(FCOS):
+            pass
+
+    assert DETECTORS["fcos"] is FCOS
+    assert register("fcos")(FCOS) is FCOS  # the same class again changes nothing
+
+
+def test_register_refuses_a_class_without_a_component_for_every_section(scratch_registry):
+    with pytest.raises(TypeError, match="components lacks postprocess"):
+
+        @register("no_postprocess")
+        class NoPostprocess(CenterNet):
+            components = {k: v for k, v in CenterNet.components.items() if k != "postprocess"}
+
+    assert "no_postprocess" not in DETECTORS
+
+
+def test_the_registry_is_read_only_from_outside():
+    with pytest.raises(TypeError):
+        DETECTORS["mine"] = OneNet  # type: ignore[index]

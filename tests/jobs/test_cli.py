@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -38,6 +39,13 @@ def test_config_error_is_one_line_on_stderr_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {bad}: training.epochz: unknown key"
     assert "Traceback" not in result.stderr
+
+
+def test_config_show_refuses_a_wrong_typed_detector_value_naming_the_key(capsys):
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+    assert main(["config", "show", str(quickstart), "detector.assigner.cost_giou=abc"]) == 2
+    error = capsys.readouterr().err
+    assert "detector.assigner.cost_giou: expected float, got str 'abc'" in error
 
 
 def test_data_synth_writes_the_coco_layout(tmp_path, capsys):

@@ -72,6 +72,16 @@ def test_wrong_type_names_the_key(tmp_path):
         load_config(path)
 
 
+def test_a_wrong_typed_detector_value_is_refused_at_config_time_naming_the_key():
+    # One resolver (the detectors' own) checks detector values when the config is read,
+    # not inside a Ray worker when the detector is built.
+    with pytest.raises(ConfigError, match=r"detector\.assigner\.cost_giou: expected float, got str 'abc'"):
+        load_config(None, ["detector.assigner.cost_giou=abc"])
+    with pytest.raises(ConfigError, match=r"detector\.backbone\.depth: expected"):
+        load_config(None, ["detector.backbone.depth=1.5"])
+    assert load_config(None, ["detector.assigner.cost_giou=3"]).detector["assigner"]["cost_giou"] == 3.0
+
+
 def test_image_size_must_be_a_multiple_of_32():
     with pytest.raises(ConfigError, match=r"data\.image_size.*multiple of 32"):
         load_config(None, ["data.image_size=100"])

@@ -1,0 +1,25 @@
+"""Label assigners: which prediction (location) learns which ground-truth box.
+
+Every assigner returns an :class:`AssignResult` (the positive pairs of one image) and runs
+under ``torch.no_grad()``: matching picks targets, it is never differentiated. Boxes are
+xyxy in input pixels.
+"""
+
+from anchorless.detectors.assigners.base import AssignResult
+from anchorless.detectors.assigners.center_heatmap import CenterHeatmapTarget
+from anchorless.detectors.assigners.costs import BoxL1Cost, FocalClassCost, GIoUCost
+from anchorless.detectors.assigners.gaussian import draw_gaussians, gaussian_radius
+from anchorless.detectors.assigners.min_cost import MinCostAssigner
+from anchorless.detectors.assigners.point import PointAssigner
+
+__all__ = [
+    "AssignResult",
+    "BoxL1Cost",
+    "CenterHeatmapTarget",
+    "FocalClassCost",
+    "GIoUCost",
+    "MinCostAssigner",
+    "PointAssigner",
+    "draw_gaussians",
+    "gaussian_radius",
+]

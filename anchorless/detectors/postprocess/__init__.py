@@ -1,0 +1,10 @@
+"""Post-processing: box decoding, NMS-free top-k, heatmap peaks, per-level candidates and
+class-wise NMS. Every detector ends in :class:`Postprocess` or a subclass of it."""
+
+from anchorless.detectors.postprocess.base import Postprocess
+from anchorless.detectors.postprocess.box_coding import decode_ltrb
+from anchorless.detectors.postprocess.heatmap import heatmap_peaks, topk_heatmap
+from anchorless.detectors.postprocess.levelwise import LevelwisePostprocess
+from anchorless.detectors.postprocess.topk import topk_dense
+
+__all__ = ["LevelwisePostprocess", "Postprocess", "decode_ltrb", "heatmap_peaks", "topk_dense", "topk_heatmap"]

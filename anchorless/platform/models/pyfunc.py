@@ -1,0 +1,186 @@
+"""The MLflow ``pyfunc`` model of an export, and logging and registering it.
+
+:func:`log_and_register` logs the export to MLflow as a ``pyfunc`` model and
+registers it as a new version tagged with its evaluation metrics.
+
+The pyfunc model's input is a pandas DataFrame with one column ``image`` of
+*encoded image bytes* (the contents of a JPEG/PNG file; base64 in a REST call),
+so images of any size go through one schema; :func:`images_frame` builds it from
+paths. Its output is one row per detection: ``image_index`` (row of the input),
+``category_id``, ``category_name``, ``score`` and ``x, y, width, height`` in the
+original image's pixels. The param ``score_threshold`` (default 0.3) filters.
+Loading it needs ``anchorless`` importable (``pyfunc_entry.py`` is logged as
+"models from code" and imports this module), so serve it from this project's
+environment (``--env-manager local``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import mlflow.pyfunc
+import pandas as pd
+
+from anchorless.errors import DataError
+from anchorless.platform.data.images import decode_image_bytes
+from anchorless.platform.models.export import model_from_export, read_export
+from anchorless.platform.models.predict import detect
+from anchorless.platform.tracking.store import TAG_MANIFEST_SHA256, mlflow_store, resolve_tracking_uri
+
+if TYPE_CHECKING:
+    from anchorless.platform.config import ExperimentConfig
+    from anchorless.platform.tracking.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+MLFLOW_MODEL_NAME = "model"  # the logged model's name within its run: runs:/<run>/model
+PYFUNC_ARTIFACT = "export"
+OUTPUT_COLUMNS = ("image_index", "category_id", "category_name", "score", "x", "y", "width", "height")
+
+
+class DetectorPyfunc(mlflow.pyfunc.PythonModel):
+    """The MLflow ``pyfunc`` face of an export: encoded images in, detections in original pixels out."""
+
+    def load_context(self, context) -> None:
+        self.model, self.meta = model_from_export(read_export(context.artifacts[PYFUNC_ARTIFACT]))
+        self.label_to_category = {c["label"]: c["coco_id"] for c in self.meta["categories"]}
+        self.names = {c["coco_id"]: c["name"] for c in self.meta["categories"]}
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        threshold = float((params or {}).get("score_threshold", 0.3))
+        column = model_input["image"] if hasattr(model_input, "columns") else model_input
+        images = [decode_image_bytes(bytes(data), f"input row {row}") for row, data in enumerate(column)]
+        detections = detect(self.model, images, image_size=self.meta["image_size"], score_threshold=threshold)
+        rows = []
+        for index, detection in enumerate(detections):
+            columns = (detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist())
+            for box, score, label in zip(*columns):
+                category_id = self.label_to_category[int(label)]
+                x0, y0, x1, y1 = box
+                rows.append((index, category_id, self.names[category_id], float(score), x0, y0, x1 - x0, y1 - y0))
+        frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+        return frame.astype({"image_index": "int64", "category_id": "int64", "score": "float64"})
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema(
+            [
+                ColSpec("long", "image_index"),
+                ColSpec("long", "category_id"),
+                ColSpec("string", "category_name"),
+                ColSpec("double", "score"),
+                *(ColSpec("double", name) for name in ("x", "y", "width", "height")),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("score_threshold", "double", 0.3)]),
+    )
+
+
+def example_input() -> pd.DataFrame:
+    """A one-row input: a small grey PNG."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (48, 32), (114, 114, 114)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [buffer.getvalue()]})
+
+
+def images_frame(paths: Sequence[str | os.PathLike[str]]):
+    """The pyfunc model's input for image files: a DataFrame with their bytes in column ``image``."""
+    data = []
+    for path in paths:
+        try:
+            data.append(Path(path).read_bytes())
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    return pd.DataFrame({"image": data})
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned to what is running, so the loader needs no requirement inference (slow, guesses)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("anchorless", "torch", "torchvision", "mlflow", "pandas", "numpy", "pillow"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            pins.append(package)
+    return pins
+
+
+def metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """Scalar evaluation metrics as version tags under their own names (``per_class_AP.<name>`` for classes)."""
+    tags = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            for name, inner in value.items():
+                if isinstance(inner, (int, float)) and not isinstance(inner, bool):
+                    tags[f"{key}.{name}"] = f"{float(inner):.6f}"
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            tags[key] = f"{float(value):.6f}"
+    return tags
+
+
+def log_and_register(
+    tracker_or_run_id: "Tracker | str",
+    export_path: str | os.PathLike[str],
+    cfg: "ExperimentConfig",
+    metrics: Mapping[str, Any],
+    *,
+    tracking_uri: str | None = None,
+    await_registration_for: int = 120,
+) -> str:
+    """Log the export as the run's pyfunc model ``model``; register it if the config names a model.
+
+    The new version is tagged with the scalar ``metrics`` (``AP``, ``AP50``, ...,
+    ``duplicate_rate``) and the training data's manifest checksum. Returns
+    ``models:/NAME/VERSION``, or ``runs:/RUN/model`` when ``cfg.tracking.registered_model``
+    is unset. ``tracking_uri`` is needed only with a bare run id (default: resolved from ``cfg``).
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    if isinstance(tracker_or_run_id, str):
+        run_id = tracker_or_run_id
+        store = resolve_tracking_uri(tracking_uri or cfg.tracking.tracking_uri, cfg.workspace)
+    else:
+        run_id, store = tracker_or_run_id.run_id, tracker_or_run_id.tracking_uri
+    payload = read_export(export_path)  # refuse to log anything that will not load back
+    tags = {TAG_MANIFEST_SHA256: payload.get("manifest_sha256") or "", **metric_tags(metrics)}
+
+    with mlflow_store(store):
+        # The logged model is created here, in the run's experiment: left to itself,
+        # Model.log would put it in the process's active experiment.
+        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+        experiment_id = client.get_run(run_id).info.experiment_id
+        logged = client.create_logged_model(experiment_id, name=MLFLOW_MODEL_NAME, source_run_id=run_id, tags=tags)
+        info = Model.log(
+            None,  # artifact_path: deprecated in favour of name, but still positional
+            name=MLFLOW_MODEL_NAME,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged.model_id,
+            python_model=str(Path(__file__).with_name("pyfunc_entry.py")),  # loads without unpickling
+            artifacts={PYFUNC_ARTIFACT: str(export_path)},
+            signature=pyfunc_signature(),
+            input_example=example_input(),  # MLflow predicts on it once: the logged model is known to work
+            pip_requirements=_pip_requirements(),
+            metadata={"categories": payload["categories"], TAG_MANIFEST_SHA256: payload.get("manifest_sha256")},
+        )
+        name = cfg.tracking.registered_model
+        if not name:
+            return f"runs:/{run_id}/{MLFLOW_MODEL_NAME}"
+        version = mlflow.register_model(info.model_uri, name, await_registration_for=await_registration_for, tags=tags)
+    log.info("registered %s version %s (run %s)", name, version.version, run_id)
+    return f"models:/{name}/{version.version}"

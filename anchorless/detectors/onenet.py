@@ -73,9 +73,9 @@ class OneNetHead(nn.Module):
             one-to-many positive (k per object instead of one). Which location is positive
             differs between the two assignments; the box a location should predict does
             not, so sharing loses nothing (hybrid-matching DETRs share their decoder between
-            the one-to-one and one-to-many groups likewise). On BCCD from scratch, 10 min:
-            AP 0.348 vs 0.312, the large class's AP75 doubled (BENCHMARKS.md). False: the
-            auxiliary head regresses its own boxes (its own copy of this head).
+            the one-to-one and one-to-many groups likewise); it measured better on BCCD
+            (BENCHMARKS.md). False: the auxiliary head regresses its own boxes (its own
+            copy of this head).
     """
 
     def __init__(

@@ -10,10 +10,23 @@ from torchvision.ops import complete_box_iou_loss, distance_box_iou_loss, genera
 
 from anchorless.detectors.losses.base import Normalizer, weighted_sum
 
+def _ciou_loss(pred_boxes: torch.Tensor, target_boxes: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+    """torchvision's CIoU, for boxes that may have no height: its aspect term divides by the
+    height without an eps (the official CIoU adds one), so a zero-size prediction, which
+    FCOS's ReLU'd distances give at initialisation, made the loss and every gradient NaN."""
+    def with_height(boxes: torch.Tensor) -> torch.Tensor:
+        top = boxes[..., 1]
+        # The next float above the top edge: a fixed eps vanishes next to coordinates in the hundreds.
+        least = top + (torch.nextafter(top.detach(), torch.full_like(top, torch.inf)) - top.detach())
+        return torch.stack([boxes[..., 0], top, boxes[..., 2], torch.maximum(boxes[..., 3], least)], dim=-1)
+
+    return complete_box_iou_loss(with_height(pred_boxes), with_height(target_boxes), reduction=reduction)
+
+
 _IOU_LOSSES = {
     "giou": generalized_box_iou_loss,
     "diou": distance_box_iou_loss,
-    "ciou": complete_box_iou_loss,
+    "ciou": _ciou_loss,
 }
 
 

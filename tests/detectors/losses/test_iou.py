@@ -28,3 +28,14 @@ def test_losses_are_zero_without_positives_and_keep_the_graph():
     pred = torch.zeros(0, 4, requires_grad=True)
     loss = IoULoss()(pred, torch.zeros(0, 4), reduce_normalizer(0))
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["giou", "diou", "ciou"])
+def test_a_zero_size_prediction_gets_a_finite_loss_and_gradient(kind):
+    # FCOS's ReLU'd distances put such boxes in the first steps of every run.
+    pred = torch.tensor([[10.0, 10.0, 10.0, 10.0], [5.0, 5.0, 25.0, 5.0]], requires_grad=True)
+    target = torch.tensor([[8.0, 8.0, 20.0, 24.0], [4.0, 4.0, 24.0, 12.0]])
+    loss = IoULoss(kind=kind)(pred, target, normalizer=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 1.0  # no overlap: at least 1 - IoU = 1
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0

@@ -7,7 +7,7 @@ torchvision's model is built with min_size = max_size = the input size so its tr
 does not resize, with 80 classes, and our FCOS with BatchNorm like torchvision's
 weights=None build (ours defaults to frozen BN, which only matters with pretrained weights).
 Ours run as the platform serves a model: BatchNorm folded into the convolutions
-(``detectors.fusion``; GroupNorm in the FCOS head cannot fold); a row without folding shows
+(``detectors.layers.fold_batchnorm``; GroupNorm in the FCOS head cannot fold); a row without folding shows
 the bare network, the same convolutions as torchvision's.
 
 Two post-processing loads: "default" thresholds (ours: cls > 0.05; torchvision:

@@ -182,6 +182,13 @@ def _models_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_serve(args: argparse.Namespace) -> int:
+    from anchorless.platform.models.serving import registry_uri, serve
+
+    registry_uri(args.model)  # a malformed reference is refused before MLflow starts
+    return serve(args.model, tracking_uri=_tracking_uri(args), host=args.host, port=args.port, workers=args.workers)
+
+
 # --- cluster / submit / jobs ------------------------------------------------------------------
 
 
@@ -405,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--restart", action="store_true", help="start the campaign afresh instead of resuming it")
     tune.set_defaults(run=_tune)
 
-    models = verbs.add_parser("models", help="the model registry: list, promote, rollback").add_subparsers(
+    models = verbs.add_parser("models", help="the model registry: list, promote, rollback, serve").add_subparsers(
         dest="action", required=True
     )
 
@@ -445,6 +452,22 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--to", default="champion", help="alias to roll back (default champion)")
     registry_options(back)
     back.set_defaults(run=_models_rollback)
+
+    serve = models.add_parser(
+        "serve",
+        help="serve a model over HTTP (MLflow's scoring server): base64 images in, detections out",
+        description=(
+            "POST {\"dataframe_split\": {\"columns\": [\"image\"], \"data\": [[\"<base64 JPEG/PNG bytes>\"]]}} "
+            "to http://HOST:PORT/invocations; the answer has one record per detection in the image's pixels "
+            "(image_index, category_id, category_name, score, x, y, width, height)."
+        ),
+    )
+    serve.add_argument("model", help="NAME@ALIAS (shapes-onenet@champion), NAME/VERSION, or an MLflow model URI")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
+    serve.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    serve.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    registry_options(serve)
+    serve.set_defaults(run=_models_serve)
 
     cluster = verbs.add_parser("cluster", help="bring a local cluster up/down; render cluster templates").add_subparsers(
         dest="action", required=True

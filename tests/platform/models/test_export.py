@@ -10,64 +10,16 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from PIL import Image
 
 from anchorless.detectors.layers import count_batchnorms
-from anchorless.platform.config import build_config
 from anchorless.platform.models.export import ModelError, export_checkpoint
 from anchorless.platform.models.loading import load_model
-from anchorless.platform.models.pyfunc import images_frame, log_and_register
+from anchorless.platform.models.pyfunc import images_frame
 from anchorless.platform.data.images import read_image
 from anchorless.platform.models.predict import detect
 from anchorless.platform.data.shards import manifest_checksum
 from anchorless.platform.tracking.store import TAG_MANIFEST_SHA256, mlflow_store
-from anchorless.platform.tracking.tracker import Tracker
-
-MANIFEST = {
-    "format": "anchorless-shards",
-    "source": {"annotations": "instances_train.json", "sha256": "cd" * 32},
-    "categories": [
-        {"label": 0, "coco_id": 1, "name": "rectangle"},
-        {"label": 1, "coco_id": 2, "name": "ellipse"},
-        {"label": 2, "coco_id": 3, "name": "triangle"},
-    ],
-}
-TINY_DETECTOR = {"name": "onenet", "num_classes": 3, "backbone": {"depth": 18}, "neck": {"channels": [32, 32, 32]}}
-
-
-def _cfg(workspace: Path, **tracking):
-    return build_config(
-        {
-            "name": "export-test",
-            "workspace": str(workspace),
-            "data": {"image_size": 64},
-            "detector": TINY_DETECTOR,
-            "tracking": {"experiment": "export-tests", **tracking},
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny detector with non-default weights, its config, and an image file."""
-    from anchorless.detectors import build_detector
-
-    root = tmp_path_factory.mktemp("export")
-    cfg = _cfg(root / "workspace")
-    torch.manual_seed(0)
-    model = build_detector(cfg.detector)
-    with torch.no_grad():  # move the weights off their initial values, biases included
-        for parameter in model.parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.1, 0.1)
-    model.eval()
-    rng = np.random.default_rng(0)
-    image_path = root / "photo.png"
-    Image.fromarray(rng.integers(0, 255, size=(48, 80, 3), dtype=np.uint8)).save(image_path)
-    return model, cfg, image_path, root
-
+from tests.platform.models.conftest import MANIFEST
 
 def _same(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
@@ -129,17 +81,11 @@ def test_load_model_names_a_missing_or_foreign_file(tmp_path):
 
 @pytest.mark.slow
 def test_logged_model_loads_back_as_pyfunc_registers_a_version_with_metric_tags_and_resolves_by_alias(
-    trained, monkeypatch
+    trained, registered, monkeypatch
 ):
     model, _, image_path, root = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = _cfg(root / "workspace", registered_model="shapes")
-    tracker = Tracker.start(cfg)
-    export = export_checkpoint(model, cfg, MANIFEST, root / "model.pt")
-    metrics = {"AP": 0.6, "AP50": 0.75, "duplicate_rate": 0.01, "per_class_AP": {"rectangle": 0.4}, "images": 40}
-
-    first = log_and_register(tracker, export, cfg, metrics)
-    unregistered = log_and_register(tracker.run_id, export, _cfg(root / "workspace"), metrics)
+    tracker, first, unregistered = registered.tracker, registered.uri, registered.run_uri
     assert first == "models:/shapes/1"
     assert unregistered == f"runs:/{tracker.run_id}/model"
 

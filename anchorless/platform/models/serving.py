@@ -1,0 +1,195 @@
+"""A registered model served over HTTP, with MLflow's own scoring server.
+
+``anchorless models serve shapes-onenet@champion`` runs ``mlflow models serve`` on the
+model's pyfunc flavour (see :mod:`.pyfunc`), in this environment (``--env-manager
+local``), on 127.0.0.1 unless told otherwise. The request is MLflow's JSON:
+``{"dataframe_split": {"columns": ["image"], "data": [["<base64 image bytes>"], ...]}}``
+(:func:`request_body` builds it); the answer, ``{"predictions": [...]}``, has one record
+per detection in the original image's pixels, as ``anchorless predict`` finds them.
+A request MLflow or the model cannot use (not an image, no ``image`` column, no body)
+is answered with HTTP 400 and a message, and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from anchorless.errors import AnchorlessError
+from anchorless.platform.models.loading import MLFLOW_SCHEMES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"  # loopback: exposing a model is a decision, not a default
+READY_TIMEOUT_S = 180.0
+
+
+class ServeError(AnchorlessError):
+    """The model server did not start or stopped (its own last words are in the message)."""
+
+
+def registry_uri(reference: str) -> str:
+    """``NAME@ALIAS`` or ``NAME/VERSION`` as a ``models:/`` URI; MLflow URIs and paths as given."""
+    if reference.startswith(MLFLOW_SCHEMES) or Path(reference).exists():
+        return reference
+    name, at, alias = reference.partition("@")
+    if at and name and alias:
+        return f"models:/{name}@{alias}"
+    name, slash, version = reference.rpartition("/")
+    if slash and name and version.isdigit():
+        return f"models:/{name}/{version}"
+    raise ServeError(
+        f"{reference!r}: expected NAME@ALIAS (shapes-onenet@champion), NAME/VERSION (shapes-onenet/3), "
+        "an MLflow model URI (models:/..., runs:/...) or the path of a logged model"
+    )
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _server_env(tracking_uri: str) -> dict[str, str]:
+    """MLflow's store for ``models:/`` URIs; this interpreter's scripts first on PATH, since
+    MLflow starts its web server (uvicorn) by name and the environment may not be activated."""
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return env
+
+
+def serve_command(model_uri: str, *, host: str = DEFAULT_HOST, port: int = 5000, workers: int = 1) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+        "--env-manager", "local",  # this environment has anchorless; a fresh one would not
+        "-h", host, "-p", str(port), "-w", str(workers),
+    ]  # fmt: skip
+
+
+@dataclass
+class Server:
+    """A running model server; ``stop()`` ends it (also on leaving a ``with`` block)."""
+
+    process: subprocess.Popen
+    url: str
+    log_path: Path
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_server(
+    reference: str,
+    *,
+    tracking_uri: str,
+    host: str = DEFAULT_HOST,
+    port: int | None = None,
+    workers: int = 1,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout: float = READY_TIMEOUT_S,
+) -> Server:
+    """Start serving ``reference`` (see :func:`registry_uri`) and wait until it answers ``/ping``.
+
+    ``models:/`` URIs resolve against ``tracking_uri``. The server's output goes to
+    ``log_path`` (default: a new file in the temp directory).
+    """
+    model_uri = registry_uri(reference)
+    port = port or free_port(host)
+    env = _server_env(tracking_uri)
+    if log_path is None:
+        import tempfile
+
+        log_path = Path(tempfile.mkstemp(prefix="anchorless-serve-", suffix=".log")[1])
+    log_path = Path(log_path)
+    with open(log_path, "wb") as output:
+        process = subprocess.Popen(
+            serve_command(model_uri, host=host, port=port, workers=workers),
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    server = Server(process, f"http://{host}:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServeError(f"{model_uri}: the model server exited ({process.returncode}): {_last_words(log_path)}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    log.info("serving %s at %s/invocations", model_uri, server.url)
+                    return server
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    server.stop()
+    raise ServeError(f"{model_uri}: the model server did not answer within {timeout:.0f} s: {_last_words(log_path)}")
+
+
+def _last_words(log_path: Path, lines: int = 5) -> str:
+    try:
+        text = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no output)"
+    return " | ".join(text[-lines:]) or "(no output)"
+
+
+def request_body(images: Sequence[bytes | str | os.PathLike[str]], *, score_threshold: float | None = None) -> bytes:
+    """The JSON request for encoded images (bytes) or image files (paths)."""
+    encoded = []
+    for image in images:
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        encoded.append([base64.b64encode(data).decode("ascii")])
+    body: dict[str, Any] = {"dataframe_split": {"columns": ["image"], "data": encoded}}
+    if score_threshold is not None:
+        body["params"] = {"score_threshold": float(score_threshold)}
+    return json.dumps(body).encode()
+
+
+def post(url: str, body: bytes, *, timeout: float = 60.0) -> tuple[int, Any]:
+    """POST ``body`` to ``url``/invocations; (HTTP status, decoded JSON answer)."""
+    request = urllib.request.Request(
+        f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        text = error.read().decode(errors="replace")
+        try:
+            return error.code, json.loads(text)
+        except json.JSONDecodeError:
+            return error.code, {"message": text}
+
+
+def serve(reference: str, *, tracking_uri: str, host: str = DEFAULT_HOST, port: int = 5000, workers: int = 1) -> int:
+    """Serve in the foreground until interrupted; the server's output goes to the console."""
+    model_uri = registry_uri(reference)
+    env = _server_env(tracking_uri)
+    print(f"serving {model_uri} at http://{host}:{port}/invocations (Ctrl-C stops)", flush=True)
+    try:
+        return subprocess.run(serve_command(model_uri, host=host, port=port, workers=workers), env=env).returncode
+    except KeyboardInterrupt:
+        return 0

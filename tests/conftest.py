@@ -70,3 +70,61 @@ def tiny_config() -> Callable[..., dict[str, Any]]:
         }
 
     return make
+
+
+class ObjectStore:
+    """A running S3-compatible server: its ``endpoint``, and ``bucket(name)`` to create a bucket."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (if new); returns ``s3://name``."""
+        client = self.client()
+        if name not in {bucket["Name"] for bucket in client.list_buckets()["Buckets"]}:
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    """One local S3 server for the whole session: moto in server mode on a free loopback port.
+
+    Clients find it as they would find any S3: the endpoint in ``$AWS_ENDPOINT_URL`` (boto3,
+    MLflow's artifact client and pyarrow's S3FileSystem all read it) and credentials in the
+    standard AWS variables, set for the session so that a Ray started afterwards hands them
+    to its workers. Tests use buckets of their own.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    patch = pytest.MonkeyPatch()
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "anchorless-test",
+        "AWS_SECRET_ACCESS_KEY": "anchorless-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        patch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "MLFLOW_S3_ENDPOINT_URL"):
+        patch.delenv(name, raising=False)
+    try:
+        yield ObjectStore(endpoint)
+    finally:
+        patch.undo()
+        server.stop()

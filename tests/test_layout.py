@@ -19,7 +19,7 @@ ALLOWED = {
     "tracking": {"data"},
     "models": {"data", "tracking"},
     "evaluation": {"data", "tracking", "models"},
-    "registry": {"data", "models", "evaluation"},
+    "registry": {"data", "tracking", "models", "evaluation"},
     "training": {"data", "tracking", "models", "evaluation"},
     "tuning": {"data", "tracking", "models", "training"},
 }

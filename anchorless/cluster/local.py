@@ -9,14 +9,23 @@ own environment (the venv's ``ray`` and ``mlflow`` executables):
   on this machine), and its own ``--temp-dir`` so that a plain ``ray.init()``
   elsewhere on the machine never discovers and joins it;
 * ``mlflow server`` on 127.0.0.1 with a SQLite store and an artifact directory
-  under the state directory.
+  under the state directory;
+* with ``object_store=True`` (``cluster up --local --object-store``), an S3-compatible
+  server (moto's ``moto_server``, from ``pip install 'anchorless[objectstore]'``) on
+  127.0.0.1 with a bucket ``anchorless``: MLflow keeps its artifacts in
+  ``s3://anchorless/mlflow`` and jobs can read shards from and write checkpoints to
+  ``s3://anchorless/...``, so nothing depends on a shared disk. It holds its objects in
+  memory: they go with ``cluster down``. Every process of the cluster (the Ray head and so
+  every job and worker, MLflow) gets the standard ``AWS_ENDPOINT_URL`` and credentials
+  variables, which boto3, MLflow and pyarrow's S3 filesystem all read; a shell gets them
+  from the ``export`` lines ``cluster up`` prints.
 
 Their addresses, pids and the token file land in ``cluster.json`` (written
 atomically) which ``cluster_status``, ``cluster_down`` and the job submission
 client read. ``ray stop`` is not used to stop the head: it stops every Ray
 process of the machine, other people's included. Instead every process of the
 cluster carries a cluster id in its environment, and ``cluster_down`` stops the
-two process groups it started and then anything still carrying that id.
+process groups it started and then anything still carrying that id.
 """
 
 from __future__ import annotations
@@ -68,6 +77,15 @@ _RAY_PORT_FLAGS = (
     "object-manager-port",
 )
 
+
+SERVICES = ("ray", "mlflow", "s3")  # the processes a cluster may start, in the order they are reported
+OBJECT_STORE_BUCKET = "anchorless"
+# The local S3 server checks no signature: these only have to be present, as every S3 client wants some.
+_LOCAL_S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "anchorless-local",
+    "AWS_SECRET_ACCESS_KEY": "anchorless-local",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 # Services this process started, kept referenced (and reaped once stopped) so that
 # their Popen objects are not collected while the services run on.
@@ -277,28 +295,28 @@ def _terminate(procs: list[psutil.Process], grace: float) -> None:
 
 
 def _stop_processes(state: dict[str, Any]) -> list[str]:
-    """Stop the Ray head and MLflow server of ``state``; returns what was stopped."""
+    """Stop the services of ``state`` (Ray head, MLflow, the object store); returns what was stopped."""
     cluster_id = state["cluster_id"]
-    ray_pid, mlflow_pid = state["pids"].get("ray"), state["pids"].get("mlflow")
-    ray_group = _owned_group(ray_pid, cluster_id)
-    mlflow_group = _owned_group(mlflow_pid, cluster_id)
-    # Both at once: the `ray start --block` leader drains and stops its node on
-    # SIGTERM (Ray allows it 30 s), MLflow's server shuts down on SIGTERM.
-    first = [proc for proc in ray_group if proc.pid == ray_pid] or ray_group
-    _terminate(first + mlflow_group, grace=40.0)
-    leftovers = {proc.pid: proc for proc in _owned_group(ray_pid, cluster_id) + _owned_group(mlflow_pid, cluster_id)}
+    pids = {name: pid for name, pid in state["pids"].items() if pid}
+    groups = {name: _owned_group(pid, cluster_id) for name, pid in pids.items()}
+    # All at once: the `ray start --block` leader drains and stops its node on
+    # SIGTERM (Ray allows it 30 s), MLflow's and moto's servers shut down on SIGTERM.
+    ray_group = groups.get("ray", [])
+    first = [proc for proc in ray_group if proc.pid == pids.get("ray")] or ray_group
+    _terminate(first + [proc for name, group in groups.items() if name != "ray" for proc in group], grace=40.0)
+    leftovers = {proc.pid: proc for pid in pids.values() for proc in _owned_group(pid, cluster_id)}
     leftovers.update((proc.pid, proc) for proc in _cluster_processes(cluster_id))
     if leftovers:
         logger.info("stopping %d leftover process(es) of cluster %s", len(leftovers), cluster_id)
         _terminate(list(leftovers.values()), grace=5.0)
-    for pid in (ray_pid, mlflow_pid):
+    for pid in pids.values():
         child = _CHILDREN.pop(pid, None)
         if child is not None:
             child.poll()
     temp_dir = state.get("ray", {}).get("temp_dir")
     if temp_dir:
         shutil.rmtree(temp_dir, ignore_errors=True)
-    return [name for name, group in (("ray", ray_group), ("mlflow", mlflow_group)) if group]
+    return [name for name in SERVICES if groups.get(name)]
 
 
 def _spawn(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -325,8 +343,9 @@ def cluster_status(state_dir: str | Path | None = None) -> dict[str, Any]:
     where each service is ``{"up": bool, "address"|"url": str, "detail": str}``:
     ``ray`` = GCS port open and the dashboard's GCS health check passes,
     ``jobs`` = the job server lists jobs with the cluster's token,
-    ``mlflow`` = the tracking server's ``/health`` answers. ``running`` is true
-    when all three are up. With no state file every service is down.
+    ``mlflow`` = the tracking server's ``/health`` answers, and with an object store
+    ``s3`` = its bucket lists. ``running`` is true when all are up. With no state file
+    every service is down.
     """
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
     state = read_state(state_dir)
@@ -363,6 +382,15 @@ def cluster_status(state_dir: str | Path | None = None) -> dict[str, Any]:
         "url": mlflow_uri,
         "detail": "ok" if code == 200 else f"{code or ''} {body.strip()[:200]}".strip(),
     }
+    store = state.get("object_store")
+    if store:
+        # The bucket listing: the server answers and the bucket is there.
+        code, body = _http_get(f"{store['endpoint']}/{store['bucket']}?max-keys=1")
+        services["s3"] = {
+            "up": code == 200,
+            "url": store["endpoint"],
+            "detail": "ok" if code == 200 else f"{code or ''} {body.strip()[:200]}".strip(),
+        }
     result["running"] = all(service["up"] for service in services.values())
     result["pids"] = state["pids"]
     result["token_file"] = state["token_file"]
@@ -378,9 +406,11 @@ def cluster_up(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     object_store_memory: int | None = None,
+    object_store: bool = False,
+    s3_port: int | None = None,
     timeout: float = 180.0,
 ) -> dict[str, Any]:
-    """Start a local Ray head (token auth on) and an MLflow server; idempotent.
+    """Start a local Ray head (token auth on) and an MLflow server, and an S3 server if asked; idempotent.
 
     Args:
         state_dir: where the state file, token file, logs, MLflow store and
@@ -392,7 +422,10 @@ def cluster_up(
             that Ray Data's decode tasks (1 CPU each) fit beside training workers
             that take every core (as the embedded default does, see ``connect_ray``).
         num_gpus, object_store_memory: passed to ``ray start``; None lets Ray
-            detect them.
+            detect them (``object_store_memory`` is Ray's shared memory, not S3).
+        object_store: also start a local S3 server with the bucket ``anchorless``,
+            MLflow's artifacts in ``s3://anchorless/mlflow`` (see the module docstring).
+        s3_port: the S3 server's port; free port when None.
         timeout: seconds to wait for all services to answer.
 
     Returns:
@@ -408,6 +441,11 @@ def cluster_up(
         if previous is not None:
             status = cluster_status(state_dir)
             if status["running"]:
+                if object_store and not previous.get("object_store"):
+                    raise ClusterError(
+                        f"the cluster in {state_dir} runs without an object store; "
+                        "`anchorless cluster down` first, then `cluster up --local --object-store`"
+                    )
                 return {**previous, "already_running": True}
             down = [name for name, service in status["services"].items() if not service["up"]]
             logger.warning(
@@ -416,8 +454,9 @@ def cluster_up(
             _stop_processes(previous)
             state_path(state_dir).unlink(missing_ok=True)
         state = _start(
-            state_dir, ray_port, dashboard_port, mlflow_port, num_cpus, num_gpus, object_store_memory, timeout
-        )
+            state_dir, ray_port, dashboard_port, mlflow_port, num_cpus, num_gpus, object_store_memory,
+            s3_port if object_store else False, timeout,
+        )  # fmt: skip
         return {**state, "already_running": False}
 
 
@@ -429,12 +468,15 @@ def _start(
     num_cpus: int | None,
     num_gpus: int | None,
     object_store_memory: int | None,
+    s3_port: int | None | bool,  # False: no object store
     timeout: float,
 ) -> dict[str, Any]:
     requested: dict[str, int | None] = {flag: None for flag in _RAY_PORT_FLAGS}
     requested["port"] = ray_port
     requested["dashboard-port"] = dashboard_port
     requested["mlflow"] = mlflow_port
+    if s3_port is not False:
+        requested["s3"] = s3_port
     ports = _reserve_ports(requested)
 
     cluster_id = uuid.uuid4().hex
@@ -446,6 +488,11 @@ def _start(
     logs = {"ray": str(state_dir / "ray.log"), "mlflow": str(state_dir / "mlflow.log")}
     dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
     mlflow_uri = f"http://127.0.0.1:{ports['mlflow']}"
+    store = None
+    if "s3" in ports:
+        store = {"endpoint": f"http://127.0.0.1:{ports['s3']}", "bucket": OBJECT_STORE_BUCKET}
+        logs["s3"] = str(state_dir / "s3.log")
+    s3_env = {"AWS_ENDPOINT_URL": store["endpoint"], **_LOCAL_S3_CREDENTIALS} if store else {}
 
     env = dict(os.environ)
     for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
@@ -459,6 +506,8 @@ def _start(
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
             # Jobs and Ray Train workers log to this cluster's tracking server by default.
             "MLFLOW_TRACKING_URI": mlflow_uri,
+            # ... and reach its object store as they would reach any S3.
+            **s3_env,
         }
     )
 
@@ -478,17 +527,20 @@ def _start(
     if object_store_memory is not None:
         ray_cmd.append(f"--object-store-memory={object_store_memory}")
 
+    artifacts = f"s3://{store['bucket']}/mlflow" if store else str(mlflow_dir / "artifacts")
     mlflow_cmd = [
         _executable("mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(mlflow_dir / "artifacts"),
+        "--artifacts-destination", artifacts,
         "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
     ]  # fmt: skip
 
     # MLflow's server-side job runner (GenAI jobs) is unused here; off, it saves a process and startup time.
     mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    ray_proc = _spawn(ray_cmd, env, Path(logs["ray"]))
-    mlflow_proc = _spawn(mlflow_cmd, mlflow_env, Path(logs["mlflow"]))
+    s3_cmd = [_object_store_executable(), "-H", "127.0.0.1", "-p", str(ports["s3"])] if store else None
+    procs = {"ray": _spawn(ray_cmd, env, Path(logs["ray"])), "mlflow": _spawn(mlflow_cmd, mlflow_env, Path(logs["mlflow"]))}
+    if s3_cmd:
+        procs["s3"] = _spawn(s3_cmd, env, Path(logs["s3"]))
     state: dict[str, Any] = {
         "version": STATE_VERSION,
         "cluster_id": cluster_id,
@@ -499,14 +551,15 @@ def _start(
         "ray_address": f"127.0.0.1:{ports['port']}",
         "dashboard_url": dashboard_url,
         "mlflow_tracking_uri": mlflow_uri,
-        "pids": {"ray": ray_proc.pid, "mlflow": mlflow_proc.pid},
+        "pids": {name: proc.pid for name, proc in procs.items()},
         "ports": ports,
         "logs": logs,
         "ray": {"temp_dir": str(temp_dir)},
         "mlflow": {
             "backend_store_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-            "artifacts": str(mlflow_dir / "artifacts"),
+            "artifacts": artifacts,
         },
+        "object_store": store,
         # What a shell exports to use this cluster: `ray.init()` joins the GCS address
         # with the token, and `anchorless submit` maps that address to the job server.
         "env": {
@@ -514,13 +567,16 @@ def _start(
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_file),
             "MLFLOW_TRACKING_URI": mlflow_uri,
+            **s3_env,
         },
     }
     # Written before waiting, so that `cluster down` can clean up a start that hangs.
     write_state(state_dir, state)
 
     try:
-        _wait_until_up(state_dir, state, {"ray": ray_proc, "mlflow": mlflow_proc}, timeout)
+        if store:
+            _create_bucket(state, procs["s3"], timeout)
+        _wait_until_up(state_dir, state, procs, timeout)
     except BaseException:
         _stop_processes(state)
         state_path(state_dir).unlink(missing_ok=True)
@@ -531,6 +587,35 @@ def _start(
         state["ray_address"] = state["env"]["RAY_ADDRESS"] = advertised.read_text().strip()
         write_state(state_dir, state)
     return state
+
+
+def _object_store_executable() -> str:
+    try:
+        return _executable("moto_server")
+    except ClusterError:
+        raise ClusterError(
+            "--object-store needs moto's S3 server (`moto_server`): pip install 'anchorless[objectstore]'"
+        ) from None
+
+
+def _create_bucket(state: dict[str, Any], proc: subprocess.Popen, timeout: float) -> None:
+    """The cluster's bucket, once the S3 server answers (a plain PUT: the local server checks no signature)."""
+    store = state["object_store"]
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ClusterError(
+                f"s3 exited with code {proc.returncode} while starting; last lines of {state['logs']['s3']}:\n"
+                + _tail(state["logs"]["s3"])
+            )
+        request = urllib.request.Request(f"{store['endpoint']}/{store['bucket']}", method="PUT")
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return
+        except (urllib.error.URLError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the S3 server at {store['endpoint']} did not answer in {timeout:.0f}s ({exc})") from None
+        time.sleep(0.3)
 
 
 def _wait_until_up(state_dir: Path, state: dict[str, Any], procs: dict[str, subprocess.Popen], timeout: float) -> None:
@@ -552,11 +637,12 @@ def _wait_until_up(state_dir: Path, state: dict[str, Any], procs: dict[str, subp
 
 
 def cluster_down(state_dir: str | Path | None = None) -> dict[str, Any]:
-    """Stop the Ray head and MLflow server and remove the state file; idempotent.
+    """Stop the Ray head, the MLflow server and the object store, and remove the state file; idempotent.
 
     Returns ``{"was_running": bool, "stopped": [service names]}``; with no state
     file nothing is touched and ``was_running`` is False. The token file, the
-    MLflow store and the logs stay in ``state_dir`` for the next ``cluster_up``.
+    MLflow store and the logs stay in ``state_dir`` for the next ``cluster_up``
+    (the object store's contents do not: it keeps them in memory).
     """
     state_dir = (Path(state_dir) if state_dir is not None else default_state_dir()).resolve()
     with _locked(state_dir):
@@ -575,7 +661,12 @@ def format_cluster(state: dict[str, Any]) -> str:
         f"{headline}: {state['state_dir']}",
         f"ray     {state['ray_address']}",
         f"jobs    {state['dashboard_url']}   (dashboard and job server, token auth)",
-        f"mlflow  {state['mlflow_tracking_uri']}",
+        f"mlflow  {state['mlflow_tracking_uri']}   (artifacts {state.get('mlflow', {}).get('artifacts')})",
+    ]
+    store = state.get("object_store")
+    if store:
+        lines.append(f"s3      {store['endpoint']}   (bucket s3://{store['bucket']}; objects live in memory until `cluster down`)")
+    lines += [
         f"token   {state['token_file']}",
         "to use it from another shell:",
     ]

@@ -9,7 +9,9 @@ Three templates, each YAML with ``${name}`` placeholders (``string.Template``;
 * ``kuberay-rayjob``: a KubeRay ``RayJob`` that runs ``anchorless train``.
 
 All run with Ray token authentication on and send runs to an external MLflow
-tracking server (``mlflow_tracking_uri``, required). ``render_template`` fills
+tracking server (``mlflow_tracking_uri``, required). The KubeRay containers take the
+object store's standard AWS variables from an optional Secret (``s3_secret``); the
+launcher config documents the instance profile or ``--env`` options that do the same. ``render_template`` fills
 the placeholders from ``PARAMETERS`` and the caller's values, parses the result
 and checks what a cluster needs (see ``validate_rendered``), so a template that
 renders is one that a launcher or the KubeRay operator can take.
@@ -45,6 +47,7 @@ PARAMETERS: dict[str, Any] = {
     "ray_version": importlib.metadata.version("ray"),
     "mlflow_tracking_uri": None,
     "token_secret": "anchorless-ray-token",
+    "s3_secret": "anchorless-s3",  # optional Secret with the AWS_* variables of the object store
     "token_file": "~/.ray/auth_token",
     "region": "us-west-2",
     "head_instance_type": "m5.2xlarge",
@@ -215,6 +218,8 @@ def _validate_raycluster_spec(spec: dict[str, Any], params: dict[str, Any], wher
         env = {item["name"]: item.get("value") for item in container.get("env", [])}
         tracking = env.get("MLFLOW_TRACKING_URI")
         _expect_equal(tracking, params["mlflow_tracking_uri"], where, f"the {role} container's MLFLOW_TRACKING_URI")
+        secrets = [item.get("secretRef", {}).get("name") for item in container.get("envFrom", [])]
+        _expect(params["s3_secret"] in secrets, where, f"the {role} container must take its AWS_* variables from {params['s3_secret']}")
 
 
 def _validate_launcher(config: dict[str, Any], params: dict[str, Any], where: str) -> None:

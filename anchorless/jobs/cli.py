@@ -54,10 +54,32 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _data_shard(args: argparse.Namespace) -> int:
-    from anchorless.platform.data.shards import format_manifest_summary, write_shards
+    from functools import partial
 
-    manifest = write_shards(
-        args.annotations, args.images, args.out, target_shard_mb=args.shard_mb, workers=args.workers
+    from anchorless.platform.data.shards import format_manifest_summary, shard_dataset
+
+    needed = {"coco": ("annotations", "images"), "voc": ("annotations", "images"), "yolo": ("labels", "images", "names")}
+    missing = [f"--{name}" for name in needed[args.format] if getattr(args, name) is None]
+    if missing:
+        raise SystemExit(f"anchorless data shard --format {args.format}: needs {' and '.join(missing)}")
+    unused = {"coco": ("labels", "names", "split"), "voc": ("labels",), "yolo": ("annotations", "split")}[args.format]
+    given = [f"--{name}" for name in unused if getattr(args, name) is not None]
+    if given:
+        raise SystemExit(f"anchorless data shard --format {args.format}: {', '.join(given)} belongs to another format")
+    if args.format == "coco":
+        from anchorless.platform.data.coco import load_coco
+
+        load = partial(load_coco, args.annotations, args.images)
+    elif args.format == "voc":
+        from anchorless.platform.data.voc import load_voc
+
+        load = partial(load_voc, args.annotations, args.images, split=args.split, names=args.names, progress=True)
+    else:
+        from anchorless.platform.data.yolo import load_yolo
+
+        load = partial(load_yolo, args.labels, args.images, args.names, progress=True)
+    manifest = shard_dataset(
+        load, args.out, target_shard_mb=args.shard_mb, workers=args.workers, skip_bad_images=args.skip_bad_images
     )
     print(format_manifest_summary(manifest, args.out))
     return 0
@@ -101,6 +123,14 @@ def _predict(args: argparse.Namespace) -> int:
 
     out = predict_images(args.model, args.images, args.out, score_threshold=args.score_threshold)
     print(f"detections: {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from anchorless.platform.models.onnx import export_model
+
+    summary = export_model(args.model, args.out, tracking_uri=_tracking_uri(args), check_image_paths=args.check_images)
+    _print_json_line(summary)
     return 0
 
 
@@ -200,7 +230,7 @@ def _cluster_up(args: argparse.Namespace) -> int:
             "only --local is brought up from here; for real clusters render a template: "
             "anchorless cluster template --help"
         )
-    state = cluster_up(args.cluster_dir, num_cpus=args.num_cpus)
+    state = cluster_up(args.cluster_dir, num_cpus=args.num_cpus, object_store=args.object_store, s3_port=args.s3_port)
     print(format_cluster(state))
     return 0
 
@@ -368,12 +398,37 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val-fraction", type=float, default=0.2, help="share of images in the val split (default 0.2)")
     synth.set_defaults(run=_data_synth)
 
-    shard = data.add_parser("shard", help="validate a COCO data set and write Parquet shards + manifest.json")
-    shard.add_argument("--annotations", required=True, help="COCO instances JSON")
-    shard.add_argument("--images", required=True, help="image root the JSON's file_name entries are relative to")
-    shard.add_argument("--out", required=True, help="shard directory (local path or s3://...)")
+    shard = data.add_parser(
+        "shard",
+        help="validate a COCO, Pascal VOC or YOLO data set and write Parquet shards + manifest.json",
+        description="Validate a data set and write it as Parquet shards plus manifest.json. The three formats "
+        "give the same shards for the same data. Bad images (missing, unreadable, truncated, a size other "
+        "than the annotations say) are all listed in one error, unless --skip-bad-images leaves them out "
+        "(they are then listed in the manifest).",
+        epilog="examples:\n"
+        "  anchorless data shard --annotations instances_train.json --images images/ --out shards/train\n"
+        "  anchorless data shard --format voc --annotations Annotations/ --images JPEGImages/ "
+        "--split ImageSets/Main/train.txt --out shards/train\n"
+        "  anchorless data shard --format yolo --labels labels/train --images images/train "
+        "--names data.yaml --out s3://bucket/shards/train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shard.add_argument("--format", choices=("coco", "voc", "yolo"), default="coco", help="the source's format (default coco)")
+    shard.add_argument("--annotations", help="coco: the instances JSON; voc: the folder of XML files (one per image)")
+    shard.add_argument("--images", required=True, help="image folder (coco: the root the JSON's file_name entries are relative to)")
+    shard.add_argument("--labels", help="yolo: the folder of label .txt files, laid out like --images")
+    shard.add_argument(
+        "--names", help="yolo (required), voc (optional): class names, a data.yaml or a file of one name a line; "
+        "voc without it: every class named in the XML folder, sorted",
+    )  # fmt: skip
+    shard.add_argument("--split", help="voc: a file of image stems, one a line (e.g. ImageSets/Main/train.txt); default every XML")
+    shard.add_argument("--out", required=True, help="shard directory (local path or s3://bucket/prefix; S3 endpoint from $AWS_ENDPOINT_URL)")
     shard.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MB (default 256)")
     shard.add_argument("--workers", type=int, default=None, help="parallel writers (default: CPU count)")
+    shard.add_argument(
+        "--skip-bad-images", action="store_true",
+        help="leave out images that are missing, unreadable or truncated, listing them in the manifest (default: fail, listing them all)",
+    )  # fmt: skip
     shard.set_defaults(run=_data_shard)
 
     inspect = data.add_parser("inspect", help="counts, histograms and a grid of sample images with boxes")
@@ -404,6 +459,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="output directory")
     predict.add_argument("--score-threshold", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
     predict.set_defaults(run=_predict)
+
+    export = verbs.add_parser(
+        "export",
+        help="export a model as one ONNX graph (image tensor to detections), checked against torch",
+        description=(
+            "The graph takes float images (N, 3, S, S) in 0-255 letterboxed to the model's size S and returns "
+            "boxes (N, K, 4), scores (N, K), labels (N, K), padded with score 0. A registered version "
+            "(models:/NAME/VERSION or models:/NAME@ALIAS) also gets the graph beside its pyfunc model."
+        ),
+    )
+    export.add_argument("--model", required=True, help="an export .pt, runs:/RUN/model, models:/NAME/VERSION or models:/NAME@ALIAS")
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (default)")
+    export.add_argument("--out", required=True, help="output directory (gets model.onnx)")
+    export.add_argument("--check-images", nargs="+", default=(), metavar="IMAGE",
+                        help="images to check onnxruntime against torch on (default: the model's validation shards)")
+    export.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ and runs:/ (default $MLFLOW_TRACKING_URI or WORKSPACE/mlflow.db)")
+    export.add_argument("--workspace", default="workspace", help="workspace holding the embedded MLflow store")
+    export.add_argument("--cluster-dir", default=None, help=argparse.SUPPRESS)
+    export.set_defaults(run=_export)
 
     tune = verbs.add_parser("tune", help="run (or resume) a Ray Tune campaign over training configs")
     tune.add_argument("campaign", help="campaign YAML (base config + search space)")
@@ -475,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = cluster.add_parser("up", help="start a Ray head (token auth) and an MLflow server on this machine")
     up.add_argument("--local", action="store_true", required=True, help="on this machine (the only kind started from here)")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may schedule (default: cores + 1, so data tasks fit beside training workers)")
+    up.add_argument(
+        "--object-store", action="store_true",
+        help="also start a local S3 server (moto) with the bucket s3://anchorless: MLflow artifacts in s3://anchorless/mlflow, "
+        "jobs read shards and write checkpoints there (AWS_ENDPOINT_URL and credentials reach every job; `export` lines printed)",
+    )  # fmt: skip
+    up.add_argument("--s3-port", type=int, default=None, help="the S3 server's port with --object-store (default: a free one)")
     for sub, text in ((up, None), (cluster.add_parser("status", help="is each service up?"), _cluster_status), (cluster.add_parser("down", help="stop the local cluster"), _cluster_down)):
         sub.add_argument("--cluster-dir", default=None, help="cluster state directory (default $ANCHORLESS_CLUSTER_DIR or workspace/cluster)")
         sub.set_defaults(run=text or _cluster_up)

@@ -119,6 +119,11 @@ class CheckpointConfig(_Section):
     keep_best: int = Field(2, ge=1, description="best checkpoints kept by `metric`, plus the latest")
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
+    storage: str | None = Field(
+        None,
+        description="where Ray Train keeps the checkpoints: a directory or a URI such as s3://bucket/runs "
+        "(every node must reach it; S3 endpoint from $AWS_ENDPOINT_URL); None = <workspace>/runs",
+    )
 
 
 class TrainingConfig(_Section):
@@ -186,6 +191,11 @@ class TrackingConfig(_Section):
     experiment: str = "anchorless"
     run_name: str | None = Field(None, description="None = the config's name")
     registered_model: str | None = Field(None, description="register the final model under this name")
+    artifact_location: str | None = Field(
+        None,
+        description="where a new experiment keeps its artifacts, e.g. s3://bucket/mlflow; None = the store's "
+        "default (<workspace>/mlartifacts for the embedded store, the server's choice for a server)",
+    )
 
 
 class ExperimentConfig(_Section):

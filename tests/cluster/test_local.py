@@ -25,8 +25,9 @@ from anchorless.cluster.local import (
     write_state,
 )
 
-# Small enough for a shared 2-core machine; Ray's floor for the object store is 75 MiB.
-SMALL = {"num_cpus": 1, "object_store_memory": 80 * 1024**2}
+# Small enough for a shared 2-core machine; Ray's floor for the object store is 75 MiB. The
+# slow tests' cluster runs with the local S3 server too (`cluster up --local --object-store`).
+SMALL = {"num_cpus": 1, "object_store_memory": 80 * 1024**2, "object_store": True}
 
 
 def _dead_pid() -> int:
@@ -144,20 +145,63 @@ def test_up_starts_ray_the_job_server_and_mlflow_all_answering(cluster):
     assert cluster["already_running"] is False
     status = cluster_status(cluster["state_dir"])
     assert status["running"] is True, status
-    assert {name: s["up"] for name, s in status["services"].items()} == {"ray": True, "jobs": True, "mlflow": True}
+    assert {name: s["up"] for name, s in status["services"].items()} == {"ray": True, "jobs": True, "mlflow": True, "s3": True}
     assert json.loads(state_path(cluster["state_dir"]).read_text())["pids"] == cluster["pids"]
+    assert cluster["object_store"] == {"endpoint": f"http://127.0.0.1:{cluster['ports']['s3']}", "bucket": "anchorless"}
     assert cluster["env"] == {
         "RAY_ADDRESS": cluster["ray_address"],
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": cluster["token_file"],
         "MLFLOW_TRACKING_URI": cluster["mlflow_tracking_uri"],
+        "AWS_ENDPOINT_URL": cluster["object_store"]["endpoint"],
+        "AWS_ACCESS_KEY_ID": "anchorless-local",
+        "AWS_SECRET_ACCESS_KEY": "anchorless-local",
+        "AWS_DEFAULT_REGION": "us-east-1",
     }
 
 
 @pytest.mark.slow
-def test_dashboard_and_mlflow_listen_on_loopback_only(cluster):
+def test_dashboard_mlflow_and_the_object_store_listen_on_loopback_only(cluster):
     assert _listen_addresses(cluster["ports"]["dashboard-port"]) == {"127.0.0.1"}
     assert _listen_addresses(cluster["ports"]["mlflow"]) == {"127.0.0.1"}
+    assert _listen_addresses(cluster["ports"]["s3"]) == {"127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_a_job_reads_shards_from_the_object_store_and_mlflow_keeps_artifacts_there(cluster, tmp_path, monkeypatch):
+    """Nothing on a shared disk: shards written to the cluster's bucket from this shell (with the
+    variables `cluster up` prints) are read by a job; MLflow's artifacts land in the bucket."""
+    import boto3
+    from mlflow import MlflowClient
+
+    from anchorless.jobs.submit import connect, wait_for_job
+    from anchorless.platform.data.shards import write_shards
+    from anchorless.platform.data.synth import generate_synthetic_coco
+
+    for name, value in cluster["env"].items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+    files = generate_synthetic_coco(tmp_path / "synth", num_images=6, size=32, progress=False)
+    manifest = write_shards(files["train"], tmp_path / "synth" / "images", "s3://anchorless/tiny/train", workers=1, progress=False)
+
+    client, _ = connect(state_dir=cluster["state_dir"])
+    reader = (
+        "from anchorless.platform.data.shards import coco_ground_truth, read_manifest; "
+        "m = read_manifest('s3://anchorless/tiny/train', verify=True); "
+        "print('job read', m['num_images'], 'images', len(coco_ground_truth('s3://anchorless/tiny/train')['annotations']), 'boxes')"
+    )
+    job_id = client.submit_job(entrypoint=f'python -c "{reader}"')
+    status = wait_for_job(job_id, state_dir=cluster["state_dir"], timeout=120)
+    logs = client.get_job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert f"job read {manifest['num_images']} images {manifest['num_boxes']} boxes" in logs
+
+    tracking = MlflowClient(cluster["mlflow_tracking_uri"])
+    run = tracking.create_run(tracking.create_experiment("object-store"))
+    (tmp_path / "note.txt").write_text("kept in the bucket")
+    tracking.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))  # through the server's artifact proxy
+    keys = [item["Key"] for item in boto3.client("s3").list_objects_v2(Bucket="anchorless", Prefix="mlflow/")["Contents"]]
+    assert any(key.endswith(f"{run.info.run_id}/artifacts/note.txt") for key in keys), keys
 
 
 @pytest.mark.slow
@@ -207,11 +251,12 @@ def test_down_leaves_no_process_and_no_state_file_and_is_idempotent(cluster):
     assert len(local._cluster_processes(state["cluster_id"])) >= 4  # ray start, GCS, raylet, dashboard, mlflow...
 
     result = cluster_down(state_dir)
-    assert result == {"was_running": True, "stopped": ["ray", "mlflow"]}
+    assert result == {"was_running": True, "stopped": ["ray", "mlflow", "s3"]}
     assert local._cluster_processes(state["cluster_id"]) == []
     assert not any(psutil.pid_exists(pid) for pid in state["pids"].values())
     assert not state_path(state_dir).exists()
     assert not Path(state["ray"]["temp_dir"]).exists()
     assert _listen_addresses(state["ports"]["dashboard-port"]) == set()
+    assert _listen_addresses(state["ports"]["s3"]) == set()
     assert cluster_status(state_dir)["running"] is False
     assert cluster_down(state_dir) == {"was_running": False, "stopped": []}

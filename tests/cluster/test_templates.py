@@ -49,6 +49,15 @@ def test_kuberay_manifest_has_kind_api_version_metadata_token_auth_and_project_i
     assert worker_limits["nvidia.com/gpu"] == "1"
 
 
+@pytest.mark.parametrize("name", ["kuberay-raycluster", "kuberay-rayjob"])
+def test_kuberay_containers_take_the_object_stores_aws_variables_from_an_optional_secret(name):
+    doc = _render(name, s3_secret="minio-credentials")
+    cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    for container in _containers(cluster):
+        assert {"secretRef": {"name": "minio-credentials", "optional": True}} in container["envFrom"]
+    assert "AWS_ENDPOINT_URL" in render_template(name, mlflow_tracking_uri=MLFLOW, **({"train_config": CONFIG} if name.endswith("job") else {}))
+
+
 def test_rayjob_runs_anchorless_train_on_the_gpu_workers_with_the_callers_overrides():
     doc = _render("kuberay-rayjob", gpu_workers=3, gpus_per_worker=2, overrides=["training.epochs=24", "name=coco 1x"])
     spec = doc["spec"]

@@ -1,4 +1,4 @@
-"""Fixtures for the data path: tiny COCO data sets on disk, BCCD, a local Ray."""
+"""Fixtures for the data path: tiny COCO data sets on disk, BCCD and raccoon, a local Ray."""
 
 from __future__ import annotations
 
@@ -112,3 +112,31 @@ def tiny_model():
 
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+
+
+def raccoon_root() -> Path:
+    """The raccoon data set (Pascal VOC) beside the repository (or $ANCHORLESS_RACCOON)."""
+    return Path(os.environ.get("ANCHORLESS_RACCOON", REPO / ".." / "shared" / "datasets" / "raccoon"))
+
+
+@pytest.fixture(scope="session")
+def raccoon() -> Path:
+    root = raccoon_root()
+    if not (root / "annotations").is_dir() or not (root / "splits" / "train.txt").is_file():
+        pytest.skip(f"raccoon not found at {root} (set ANCHORLESS_RACCOON)")
+    return root
+
+
+def write_yolo_labels(coco: dict[str, Any], labels_dir: Path) -> None:
+    """A COCO data set's boxes as YOLO label files (``class cx cy w h``, normalised, full precision);
+    class ``i`` is the ``i``-th category in id order."""
+    class_of = {category["id"]: index for index, category in enumerate(sorted(coco["categories"], key=lambda c: c["id"]))}
+    lines: dict[int, list[str]] = {image["id"]: [] for image in coco["images"]}
+    size = {image["id"]: (image["width"], image["height"]) for image in coco["images"]}
+    for ann in coco["annotations"]:
+        (x, y, w, h), (width, height) = ann["bbox"], size[ann["image_id"]]
+        values = ((x + w / 2) / width, (y + h / 2) / height, w / width, h / height)
+        lines[ann["image_id"]].append(" ".join([str(class_of[ann["category_id"]]), *(repr(v) for v in values)]))
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    for image in coco["images"]:
+        (labels_dir / Path(image["file_name"]).with_suffix(".txt")).write_text("".join(f"{line}\n" for line in lines[image["id"]]))

@@ -1,14 +1,21 @@
-"""Read and validate a COCO instances JSON and its image root.
+"""Read and validate a COCO instances JSON and its image root; the records every source becomes.
 
 The one place COCO's conventions enter the code: ``bbox`` ``[x, y, w, h]`` becomes
 xyxy, COCO category ids become contiguous labels ``0..C-1`` (in ascending id
 order), and every record is checked. A problem that makes the data set unusable
 raises :class:`DataError` with the file, the record and the problem; a problem a
 user would want fixed quietly (a zero-size box, a box poking out of the image)
-is repaired, counted by reason and reported.
+is repaired, counted by reason and reported. The VOC and YOLO readers (``voc``,
+``yolo``) produce the same :class:`CocoDataset` through the same box repairs, so
+the same data gives the same shards whatever its source.
 
-Image files are checked here only for existence and a safe path; whether they
-decode is checked by :func:`verify_image_bytes`, which the shard writers call on
+Images are taken as they are displayed: EXIF orientation applied, so boxes drawn
+on the upright picture (as annotation tools show it) stay on their objects, and
+the recorded width/height are the upright ones.
+
+Image files are checked here only for existence and a safe path; a missing one is
+a :class:`BadImage`, listed with those that fail to decode. Whether an image
+decodes is checked by :func:`verify_image_bytes`, which the shard writers call on
 the bytes they read anyway (decoding is the expensive part, so it runs in
 parallel there).
 """
@@ -35,10 +42,18 @@ ZERO_SIZE_BOX = "zero_size_box"
 NEGATIVE_SIZE_BOX = "negative_size_box"
 BOX_OUTSIDE_IMAGE = "box_outside_image"
 BOX_EXTENDS_OUTSIDE_IMAGE = "box_extends_outside_image"
+# Boxes of an image left out with --skip-bad-images.
+IMAGE_SKIPPED = "image_skipped"
+
+# EXIF orientations that turn the picture by 90 degrees: the upright size is the stored one transposed.
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
 
 # PIL refuses images above ~179 Mpx as a decompression bomb; COCO-style data
 # sets never come near it, so a file that does is treated as unreadable.
 Image.MAX_IMAGE_PIXELS = 179_000_000
+
+Box = tuple[float, float, float, float]  # xyxy, pixels
 
 
 @dataclass(frozen=True)
@@ -63,14 +78,37 @@ class ImageRecord:
     areas: np.ndarray  # (N,) float32, COCO's `area` (segment area when given), for evaluation
 
 
+@dataclass(frozen=True)
+class BadImage:
+    """An image that cannot go into the shards: missing, unreadable, truncated, the wrong size."""
+
+    file_name: str
+    image_id: int | None
+    message: str  # the whole line for people: path, record, problem
+    num_boxes: int = 0  # its annotated boxes, dropped with it when bad images are skipped
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"file_name": self.file_name, "image_id": self.image_id, "problem": self.message}
+
+
 @dataclass
 class CocoDataset:
+    """A validated data set in COCO's terms, whatever its source format.
+
+    ``annotations_path`` is the source's annotation file or folder and ``annotations_sha256``
+    its checksum (a digest over the files for folder formats); ``corrected`` counts values
+    of the source that were replaced by what the images say (VOC's ``<size>``).
+    """
+
     annotations_path: Path
     annotations_sha256: str
     categories: list[Category]
     images: list[ImageRecord]
     dropped: dict[str, int] = field(default_factory=dict)
     clipped: dict[str, int] = field(default_factory=dict)
+    bad_images: list[BadImage] = field(default_factory=list)
+    corrected: dict[str, int] = field(default_factory=dict)
+    source_format: str = "coco"
 
     @property
     def num_boxes(self) -> int:
@@ -107,9 +145,9 @@ def load_coco(annotations: str | Path, images_root: str | Path) -> CocoDataset:
 
     categories = _read_categories(annotations, coco["categories"])
     label_of = {category.coco_id: category.label for category in categories}
-    images, index_of = _read_images(annotations, images_root, coco["images"])
+    images, index_of, missing_ids = _read_images(annotations, images_root, coco["images"])
 
-    per_image: list[list[tuple[list[float], int, bool, float]]] = [[] for _ in images]
+    per_image: list[list[tuple[Box, int, bool, float]]] = [[] for _ in images]
     dropped: Counter[str] = Counter()
     clipped: Counter[str] = Counter()
     for position, ann in enumerate(coco["annotations"]):
@@ -124,47 +162,105 @@ def load_coco(annotations: str | Path, images_root: str | Path) -> CocoDataset:
             raise DataError(f"{annotations}: {record}: category_id {category_id!r} is not in 'categories'")
         image = images[index_of[image_id]]
         x, y, w, h = _read_bbox(annotations, record, ann.get("bbox"))
-        if w < 0 or h < 0:
-            dropped[NEGATIVE_SIZE_BOX] += 1
+        box = repair_box(x, y, x + w, y + h, image.width, image.height, dropped, clipped)
+        if box is None:
             continue
-        if w == 0 or h == 0:
-            dropped[ZERO_SIZE_BOX] += 1
-            continue
-        x0, y0, x1, y1 = x, y, x + w, y + h
-        cx0, cy0 = min(max(x0, 0.0), image.width), min(max(y0, 0.0), image.height)
-        cx1, cy1 = min(max(x1, 0.0), image.width), min(max(y1, 0.0), image.height)
-        if cx1 <= cx0 or cy1 <= cy0:
-            dropped[BOX_OUTSIDE_IMAGE] += 1
-            continue
-        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
-            clipped[BOX_EXTENDS_OUTSIDE_IMAGE] += 1
         iscrowd = ann.get("iscrowd", 0)
         if iscrowd not in (0, 1, True, False):
             raise DataError(f"{annotations}: {record}: iscrowd must be 0 or 1, got {iscrowd!r}")
         area = ann.get("area")
         if not _is_number(area) or not math.isfinite(area) or area < 0:
-            area = (cx1 - cx0) * (cy1 - cy0)
-        per_image[index_of[image_id]].append(([cx0, cy0, cx1, cy1], label_of[category_id], bool(iscrowd), float(area)))
+            area = box_area(box)
+        per_image[index_of[image_id]].append((box, label_of[category_id], bool(iscrowd), float(area)))
 
     for image, boxes in zip(images, per_image):
-        if boxes:
-            image.boxes = np.asarray([b for b, _, _, _ in boxes], dtype=np.float32)
-            image.labels = np.asarray([label for _, label, _, _ in boxes], dtype=np.int32)
-            image.iscrowd = np.asarray([crowd for _, _, crowd, _ in boxes], dtype=bool)
-            image.areas = np.asarray([area for _, _, _, area in boxes], dtype=np.float32)
-
+        set_boxes(image, boxes)
+    missing = [image for image in images if image.image_id in missing_ids]
     return CocoDataset(
         annotations_path=annotations,
         annotations_sha256=hashlib.sha256(raw_bytes).hexdigest(),
         categories=categories,
-        images=images,
+        images=[image for image in images if image.image_id not in missing_ids],
         dropped=dict(sorted(dropped.items())),
         clipped=dict(sorted(clipped.items())),
+        bad_images=[
+            BadImage(
+                image.file_name,
+                image.image_id,
+                f"{image.path} (image id {image.image_id} in {annotations}): missing image file",
+                num_boxes=len(image.labels),
+            )
+            for image in missing
+        ],
+    )
+
+
+def repair_box(
+    x0: float, y0: float, x1: float, y1: float, width: int, height: int, dropped: Counter[str], clipped: Counter[str]
+) -> Box | None:
+    """An xyxy box clipped to the image, or None when nothing of it is left; either is counted by reason.
+
+    Every source goes through this, so a box is kept, clipped or dropped the same way whatever its format.
+    """
+    if x1 < x0 or y1 < y0:
+        dropped[NEGATIVE_SIZE_BOX] += 1
+        return None
+    if x1 == x0 or y1 == y0:
+        dropped[ZERO_SIZE_BOX] += 1
+        return None
+    cx0, cy0 = min(max(x0, 0.0), width), min(max(y0, 0.0), height)
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    if cx1 <= cx0 or cy1 <= cy0:
+        dropped[BOX_OUTSIDE_IMAGE] += 1
+        return None
+    if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+        clipped[BOX_EXTENDS_OUTSIDE_IMAGE] += 1
+    return cx0, cy0, cx1, cy1
+
+
+def box_area(box: Box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def set_boxes(image: ImageRecord, boxes: list[tuple[Box, int, bool, float]]) -> None:
+    """Store ``(xyxy, label, iscrowd, area)`` tuples as the record's arrays (an empty list keeps it a negative)."""
+    if boxes:
+        image.boxes = np.asarray([list(b) for b, _, _, _ in boxes], dtype=np.float32)
+        image.labels = np.asarray([label for _, label, _, _ in boxes], dtype=np.int32)
+        image.iscrowd = np.asarray([crowd for _, _, crowd, _ in boxes], dtype=bool)
+        image.areas = np.asarray([area for _, _, _, area in boxes], dtype=np.float32)
+
+
+def add_repaired_boxes(
+    image: ImageRecord, boxes: list[tuple[Box, int, bool]], dropped: Counter[str], clipped: Counter[str]
+) -> None:
+    """Set ``(xyxy, label, iscrowd)`` boxes of a source without areas (VOC, YOLO) on ``image``:
+    each repaired by :func:`repair_box`, its area the kept box's, as COCO ingest takes a missing one."""
+    kept = []
+    for (x0, y0, x1, y1), label, crowd in boxes:
+        box = repair_box(x0, y0, x1, y1, image.width, image.height, dropped, clipped)
+        if box is not None:
+            kept.append((box, label, crowd, box_area(box)))
+    set_boxes(image, kept)
+
+
+def new_record(image_id: int, file_name: str, path: Path, width: int, height: int) -> ImageRecord:
+    """An image without boxes yet."""
+    return ImageRecord(
+        image_id=image_id,
+        file_name=file_name,
+        path=path,
+        width=width,
+        height=height,
+        boxes=np.zeros((0, 4), dtype=np.float32),
+        labels=np.zeros((0,), dtype=np.int32),
+        iscrowd=np.zeros((0,), dtype=bool),
+        areas=np.zeros((0,), dtype=np.float32),
     )
 
 
 def verify_image_bytes(data: bytes, record: ImageRecord) -> None:
-    """Raise :class:`DataError` unless ``data`` decodes fully to the recorded size.
+    """Raise :class:`DataError` unless ``data`` decodes fully to the recorded (upright) size.
 
     The whole compressed stream is decoded (a truncated file fails only at its
     end), at 1/8 scale for JPEG, which reads every byte for a fraction of the cost.
@@ -172,19 +268,45 @@ def verify_image_bytes(data: bytes, record: ImageRecord) -> None:
     where = f"{record.path} (image id {record.image_id})"
     try:
         with Image.open(BytesIO(data)) as image:
-            size = image.size
-            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            stored = image.size
+            upright = upright_size(image)
+            image.draft("RGB", (max(1, stored[0] // 8), max(1, stored[1] // 8)))
             image.load()
     except Image.DecompressionBombError:
         raise DataError(f"{where}: image is too large to decode safely") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...)
         problem = "not an image file" if "cannot identify" in str(exc) else f"unreadable or truncated image ({exc})"
         raise DataError(f"{where}: {problem}") from None
-    if size != (record.width, record.height):
+    if upright != (record.width, record.height):
+        turned = " (its EXIF orientation turns the stored pixels; sizes and boxes are taken upright)" if upright != stored else ""
         raise DataError(
-            f"{where}: image is {size[0]}x{size[1]} but the annotations say "
+            f"{where}: image is {upright[0]}x{upright[1]}{turned} but the annotations say "
             f"{record.width}x{record.height}; boxes would be misplaced"
         )
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """The size of ``image`` as displayed: EXIF orientations 5-8 swap width and height."""
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a damaged EXIF block: the pixels still decode, so take them as stored
+        orientation = None
+    width, height = image.size
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def read_image_size(path: Path, where: str) -> tuple[int, int]:
+    """The upright size from the image's header (the pixels are checked when shards are written)."""
+    try:
+        with Image.open(path) as image:
+            return upright_size(image)
+    except FileNotFoundError:
+        raise DataError(f"{where}: missing image file") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{where}: image is too large to decode safely") from None
+    except Exception as exc:
+        problem = "not an image file" if "cannot identify" in str(exc) else f"unreadable image ({exc})"
+        raise DataError(f"{where}: {problem}") from None
 
 
 def _read_categories(annotations: Path, raw: list[Any]) -> list[Category]:
@@ -206,9 +328,14 @@ def _read_categories(annotations: Path, raw: list[Any]) -> list[Category]:
     return [Category(coco_id=coco_id, label=label, name=seen[coco_id]) for label, coco_id in enumerate(sorted(seen))]
 
 
-def _read_images(annotations: Path, images_root: Path, raw: list[Any]) -> tuple[list[ImageRecord], dict[int, int]]:
+def _read_images(
+    annotations: Path, images_root: Path, raw: list[Any]
+) -> tuple[list[ImageRecord], dict[int, int], set[int]]:
+    """The image records, their index by id, and the ids whose file is missing (listed as bad images)."""
     images: list[ImageRecord] = []
     index_of: dict[int, int] = {}
+    missing: set[int] = set()
+    id_of_file: dict[str, int] = {}
     for position, image in enumerate(raw):
         record = _record_name("image", image, position)
         if not isinstance(image, dict):
@@ -223,28 +350,26 @@ def _read_images(annotations: Path, images_root: Path, raw: list[Any]) -> tuple[
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise DataError(f"{annotations}: {record}: {key!r} must be a positive integer, got {value!r}")
         file_name = image.get("file_name")
-        path = _safe_image_path(annotations, record, images_root, file_name)
-        if not path.is_file():
-            raise DataError(f"{path} ({record} in {annotations}): missing image file")
-        index_of[image_id] = len(images)
-        images.append(
-            ImageRecord(
-                image_id=image_id,
-                file_name=file_name,
-                path=path,
-                width=width,
-                height=height,
-                boxes=np.zeros((0, 4), dtype=np.float32),
-                labels=np.zeros((0,), dtype=np.int32),
-                iscrowd=np.zeros((0,), dtype=bool),
-                areas=np.zeros((0,), dtype=np.float32),
+        path = safe_image_path(annotations, record, images_root, file_name)
+        key = os.path.normpath(file_name)
+        if key in id_of_file:
+            raise DataError(
+                f"{annotations}: {record}: file_name {file_name!r} is also image id {id_of_file[key]}'s; "
+                "one file cannot be two images"
             )
-        )
-    return images, index_of
+        id_of_file[key] = image_id
+        if not path.is_file():
+            missing.add(image_id)
+        index_of[image_id] = len(images)
+        images.append(new_record(image_id, file_name, path, width, height))
+    return images, index_of, missing
 
 
-def _safe_image_path(annotations: Path, record: str, images_root: Path, file_name: Any) -> Path:
-    """The image's path under the root; a name that could leave the root is refused."""
+def safe_image_path(annotations: Path, record: str, images_root: Path, file_name: Any) -> Path:
+    """The image's path under the root; a name that could leave the root is refused.
+
+    ``annotations`` (the file naming the image) and ``record`` (its entry there) go into the message.
+    """
     if not isinstance(file_name, str) or not file_name:
         raise DataError(f"{annotations}: {record}: 'file_name' must be a non-empty string, got {file_name!r}")
     posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)

@@ -12,22 +12,30 @@ import torch
 from anchorless.errors import DataError
 
 
-def decode_image_bytes(data: bytes, name: str) -> torch.Tensor:
-    """Encoded image bytes → (3, H, W) uint8 RGB, decoded as the data pipeline decodes shards."""
+def decode_image_bytes(data: bytes | torch.Tensor, name: str) -> torch.Tensor:
+    """Encoded image bytes (or a uint8 tensor of them) → (3, H, W) uint8 RGB, upright.
+
+    The one decoder of the project (shards in the data pipeline, prediction on files, the
+    MLflow model's inputs), so every path sees the same pixels: EXIF orientation applied
+    (annotations are drawn on the upright picture), grayscale and CMYK converted to RGB,
+    an alpha channel dropped.
+    """
     from torchvision.io import ImageReadMode, decode_image
 
+    encoded = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError):
         pass
     # torchvision decodes JPEG/PNG/GIF/WebP; PIL covers the rest (BMP, TIFF, ...).
     from io import BytesIO
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    raw = data if isinstance(data, bytes) else encoded.numpy().tobytes()
     try:
-        with Image.open(BytesIO(data)) as image:
-            rgb = np.asarray(image.convert("RGB"))
+        with Image.open(BytesIO(raw)) as image:
+            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()

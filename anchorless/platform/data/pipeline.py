@@ -53,6 +53,7 @@ import torch
 
 from anchorless.platform.config import AugmentConfig, DataConfig
 from anchorless.errors import DataError
+from anchorless.platform.data.images import decode_image_bytes
 from anchorless.platform.data.shards import read_manifest, resolve_location
 from anchorless.platform.data.transforms import Sample, eval_transform, train_transform
 
@@ -248,8 +249,6 @@ def decode_and_transform(
     epoch: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode a block of shard rows and transform each image; fixed-shape numpy columns out."""
-    from torchvision.io import ImageReadMode, decode_image
-
     global _threads_set
     if not _threads_set:  # one decode task per CPU: torch must not fan out inside it
         torch.set_num_threads(1)
@@ -265,10 +264,7 @@ def decode_and_transform(
     samples = []
     for row in range(batch.num_rows):
         image_id = int(image_ids[row])
-        try:
-            image = decode_image(encoded[row], mode=ImageReadMode.RGB)
-        except RuntimeError as exc:
-            raise DataError(f"image id {image_id}: cannot decode the shard's image bytes ({exc})") from None
+        image = decode_image_bytes(encoded[row], f"image id {image_id} (shard image bytes)")
         start, end = label_offsets[row], label_offsets[row + 1]
         keep = ~crowd[start:end].astype(bool)
         samples.append(

@@ -1,17 +1,28 @@
-"""COCO → Parquet shards + ``manifest.json``, and reading them back.
+"""A validated data set (COCO, VOC or YOLO) → Parquet shards + ``manifest.json``, and reading them back.
 
 One row per image: ``image_id``, ``file_name``, ``width``, ``height``, the
 encoded ``image`` bytes exactly as stored (never re-encoded), and the image's
 boxes as flat ``list<float32>`` xyxy in stored-image pixels (``4 * N`` values),
 contiguous ``labels``, ``iscrowd`` and COCO ``areas`` (kept for evaluation,
 whose small/medium/large split uses them). ``manifest.json`` holds the category
-table, per-shard counts and sha256, the source JSON's sha256 and what was
-dropped or clipped. Nothing in a shard or the manifest depends on the time or
-the machine, so the same input gives byte-identical output.
+table, per-shard counts and sha256, the source's format and sha256, what was
+dropped, clipped or corrected, and the images skipped as bad. Nothing in a shard
+or the manifest depends on the time or the machine, so the same input gives
+byte-identical output; the same data from COCO, VOC or YOLO gives byte-identical
+shards (the manifests differ only in ``source``).
+
+An image that is missing, unreadable, truncated or not the size its annotations
+say is a bad image. Every one is found (the whole data set is read) and listed in
+one error, and nothing is written; with ``skip_bad_images`` they are left out,
+logged and listed in the manifest (``skipped_images``, their boxes counted as
+``dropped.image_skipped``).
 
 Output goes through pyarrow's filesystems, so ``out`` may be a local path or a
-URI such as ``s3://bucket/prefix``. Everything is written under a temporary name
-next to ``out`` and moved into place only when all of it succeeded.
+URI such as ``s3://bucket/prefix`` (an S3 endpoint from ``$AWS_ENDPOINT_URL``).
+Everything is written under a temporary name next to ``out`` and moved into place
+only when all of it succeeded; on an object store, where there is no directory
+rename, the manifest is written last, so a reader that finds one finds every shard
+it lists, and a writer killed half-way leaves no manifest.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ import posixpath
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -33,8 +45,8 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from tqdm import tqdm
 
-from anchorless.platform.data.coco import CocoDataset, ImageRecord, load_coco, verify_image_bytes
 from anchorless.errors import DataError
+from anchorless.platform.data.coco import IMAGE_SKIPPED, BadImage, CocoDataset, ImageRecord, load_coco, verify_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +101,26 @@ def write_shards(
     annotations: str | os.PathLike[str],
     images: str | os.PathLike[str],
     out: str | os.PathLike[str],
+    **options: Any,
+) -> dict[str, Any]:
+    """Validate a COCO data set (instances JSON + image root) and shard it; see :func:`shard_dataset`."""
+    return shard_dataset(partial(load_coco, annotations, images), out, **options)
+
+
+def shard_dataset(
+    load: Callable[[], CocoDataset],
+    out: str | os.PathLike[str],
     *,
     target_shard_mb: float = 256.0,
     workers: int | None = None,
     progress: bool = True,
+    skip_bad_images: bool = False,
 ) -> dict[str, Any]:
-    """Validate a COCO data set and write it as Parquet shards plus ``manifest.json``.
+    """Validate a data set and write it as Parquet shards plus ``manifest.json``.
 
     Args:
-        annotations: COCO instances JSON (local path).
-        images: image root the JSON's ``file_name`` entries are relative to (local path).
+        load: reads and validates the source (``load_coco``, ``load_voc``, ``load_yolo``
+            with their arguments bound); called once ``out`` is known to be usable.
         out: shard directory, a local path or a URI (``s3://bucket/prefix``). If it
             exists it must be empty or an earlier shard directory (it is replaced).
         target_shard_mb: shards are cut when the next image would push a shard's
@@ -106,33 +128,45 @@ def write_shards(
         workers: parallel shard writers (processes); default one per CPU, at most
             one per shard.
         progress: show a tqdm bar (images written).
+        skip_bad_images: leave missing, unreadable or truncated images out (listed in
+            the manifest) instead of failing.
 
     Returns:
         The manifest (also written as ``out/manifest.json``).
 
     Raises:
-        DataError: on any input problem that makes the data set unusable; nothing
-            is left at ``out`` or next to it.
+        DataError: on any input problem that makes the data set unusable, every bad
+            image listed; nothing is left at ``out`` or next to it.
     """
     if target_shard_mb <= 0:
         raise DataError(f"target shard size must be positive, got {target_shard_mb} MB")
     filesystem, out_path = resolve_location(out)
-    _check_replaceable(filesystem, out_path, os.fspath(out))
-    dataset = load_coco(annotations, images)
+    shown = os.fspath(out)
+    _check_replaceable(filesystem, out_path, shown)
+    dataset = load()
     tasks = _plan_shards(dataset, target_bytes=int(target_shard_mb * 2**20))
 
     tmp_path = _sibling(out_path, f".{posixpath.basename(out_path)}.tmp-{uuid.uuid4().hex[:12]}")
     filesystem.create_dir(tmp_path, recursive=True)
     try:
-        shards = _write_all(filesystem, tmp_path, tasks, workers=workers, progress=progress)
-        manifest = _manifest(dataset, shards)
-        _write_bytes(filesystem, f"{tmp_path}/{MANIFEST}", _manifest_bytes(manifest))
-        _move_into_place(filesystem, tmp_path, out_path, os.fspath(out))
+        shards, unreadable = _write_all(filesystem, tmp_path, tasks, workers=workers, progress=progress)
+        bad = dataset.bad_images + unreadable
+        if bad and not skip_bad_images:
+            raise DataError(_bad_images_message(bad))
+        manifest = _manifest(dataset, shards, skipped=bad)
+        _move_into_place(filesystem, tmp_path, out_path, shown, _manifest_bytes(manifest))
     except BaseException:
         _delete_quietly(filesystem, tmp_path)
         raise
-    _log_repairs(manifest, os.fspath(out))
+    _log_repairs(manifest, shown)
     return manifest
+
+
+def _bad_images_message(bad: list[BadImage]) -> str:
+    hint = "--skip-bad-images (skip_bad_images=True) leaves bad images out and lists them in the manifest"
+    if len(bad) == 1:
+        return f"{bad[0].message}; nothing was written ({hint})"
+    return f"{len(bad)} bad images; nothing was written ({hint}):\n" + "\n".join(f"  {image.message}" for image in bad)
 
 
 def _plan_shards(dataset: CocoDataset, *, target_bytes: int) -> list[_ShardTask]:
@@ -161,10 +195,11 @@ def _plan_shards(dataset: CocoDataset, *, target_bytes: int) -> list[_ShardTask]
 
 def _write_all(
     filesystem: pafs.FileSystem, tmp_path: str, tasks: list[_ShardTask], *, workers: int | None, progress: bool
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[BadImage]]:
+    """Every shard written; their manifest entries and the images that did not decode, in shard order."""
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     total = sum(len(task.records) for task in tasks)
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, tuple[dict[str, Any], list[BadImage]]] = {}
     with tqdm(total=total, desc="shard", unit="img", disable=not progress) as bar:
         if workers <= 1:
             for task in tasks:
@@ -188,13 +223,15 @@ def _write_all(
                             raise future.exception()
                         results[task.index] = future.result()
                         bar.update(len(task.records))
-    return [results[index] for index in sorted(results)]
+    ordered = [results[index] for index in sorted(results)]
+    return [entry for entry, _ in ordered], [image for _, bad in ordered for image in bad]
 
 
-def _write_shard(filesystem: pafs.FileSystem, tmp_path: str, task: _ShardTask) -> dict[str, Any]:
-    """Read, verify and write one shard; returns its manifest entry."""
+def _write_shard(filesystem: pafs.FileSystem, tmp_path: str, task: _ShardTask) -> tuple[dict[str, Any], list[BadImage]]:
+    """Read, verify and write one shard; returns its manifest entry and the images that did not decode."""
     path = f"{tmp_path}/{task.file}"
-    num_boxes = 0
+    num_images = num_boxes = 0
+    bad: list[BadImage] = []
     with filesystem.open_output_stream(path) as sink:
         with pq.ParquetWriter(
             sink,
@@ -205,30 +242,42 @@ def _write_shard(filesystem: pafs.FileSystem, tmp_path: str, task: _ShardTask) -
             store_schema=True,
         ) as writer:
             for start in range(0, len(task.records), task.row_group_size):
-                chunk = task.records[start : start + task.row_group_size]
-                writer.write_table(_rows_table(chunk), row_group_size=len(chunk))
+                chunk, encoded = _read_verified(task.records[start : start + task.row_group_size], bad)
+                if chunk:
+                    writer.write_table(_rows_table(chunk, encoded), row_group_size=len(chunk))
+                num_images += len(chunk)
                 num_boxes += sum(len(record.labels) for record in chunk)
-            if not task.records:
+            if not num_images:
                 writer.write_table(SHARD_SCHEMA.empty_table())
-    return {
+    entry = {
         "file": task.file,
-        "num_images": len(task.records),
+        "num_images": num_images,
         "num_boxes": num_boxes,
         "bytes": filesystem.get_file_info(path).size,
         "sha256": _sha256(filesystem, path),
     }
+    return entry, bad
 
 
-def _rows_table(records: list[ImageRecord]) -> pa.Table:
-    encoded = []
+def _read_verified(records: list[ImageRecord], bad: list[BadImage]) -> tuple[list[ImageRecord], list[bytes]]:
+    """The records whose file reads and decodes to its recorded size, with their bytes; the rest go to ``bad``."""
+    kept, encoded = [], []
     for record in records:
         try:
-            data = record.path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{record.path} (image id {record.image_id}): cannot read image file ({exc.strerror})") from None
-        verify_image_bytes(data, record)
+            try:
+                data = record.path.read_bytes()
+            except OSError as exc:
+                raise DataError(f"{record.path} (image id {record.image_id}): cannot read image file ({exc.strerror})") from None
+            verify_image_bytes(data, record)
+        except DataError as exc:
+            bad.append(BadImage(record.file_name, record.image_id, str(exc), num_boxes=len(record.labels)))
+            continue
+        kept.append(record)
         encoded.append(data)
+    return kept, encoded
 
+
+def _rows_table(records: list[ImageRecord], encoded: list[bytes]) -> pa.Table:
     def lists(values: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
         offsets = np.zeros(len(values) + 1, dtype=np.int32)
         np.cumsum([len(v) for v in values], out=offsets[1:])
@@ -251,19 +300,29 @@ def _rows_table(records: list[ImageRecord]) -> pa.Table:
     )
 
 
-def _manifest(dataset: CocoDataset, shards: list[dict[str, Any]]) -> dict[str, Any]:
+def _manifest(dataset: CocoDataset, shards: list[dict[str, Any]], *, skipped: list[BadImage]) -> dict[str, Any]:
+    skipped_ids = {image.image_id for image in skipped}
+    dropped = dict(dataset.dropped)
+    skipped_boxes = sum(image.num_boxes for image in skipped)
+    if skipped_boxes:
+        dropped[IMAGE_SKIPPED] = skipped_boxes
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "source": {
+            "format": dataset.source_format,
             "annotations": dataset.annotations_path.name,
             "sha256": dataset.annotations_sha256,
         },
         "num_images": sum(shard["num_images"] for shard in shards),
         "num_boxes": sum(shard["num_boxes"] for shard in shards),
-        "num_crowd_boxes": int(sum(record.iscrowd.sum() for record in dataset.images)),
-        "dropped": dict(dataset.dropped),
+        "num_crowd_boxes": int(
+            sum(record.iscrowd.sum() for record in dataset.images if record.image_id not in skipped_ids)
+        ),
+        "dropped": dict(sorted(dropped.items())),
         "clipped": dict(dataset.clipped),
+        "corrected": dict(dataset.corrected),
+        "skipped_images": [image.manifest_entry() for image in skipped],
         "categories": [
             {"label": category.label, "coco_id": category.coco_id, "name": category.name}
             for category in dataset.categories
@@ -301,10 +360,12 @@ def _check_replaceable(filesystem: pafs.FileSystem, path: str, shown: str) -> No
         raise DataError(f"{shown}: exists and is not a shard directory (no {MANIFEST}); refusing to overwrite it")
 
 
-def _move_into_place(filesystem: pafs.FileSystem, tmp_path: str, out_path: str, shown: str) -> None:
+def _move_into_place(filesystem: pafs.FileSystem, tmp_path: str, out_path: str, shown: str, manifest: bytes) -> None:
+    """The shards written under ``tmp_path`` become the data set at ``out_path``, ``manifest`` with them."""
     _check_replaceable(filesystem, out_path, shown)
     if isinstance(filesystem, pafs.LocalFileSystem):
         # A directory rename is atomic: readers see the old data set or the new one.
+        _write_bytes(filesystem, f"{tmp_path}/{MANIFEST}", manifest)
         old_path = None
         if filesystem.get_file_info(out_path).type != pafs.FileType.NotFound:
             old_path = _sibling(out_path, f".{posixpath.basename(out_path)}.old-{uuid.uuid4().hex[:12]}")
@@ -313,14 +374,18 @@ def _move_into_place(filesystem: pafs.FileSystem, tmp_path: str, out_path: str, 
         if old_path is not None:
             filesystem.delete_dir(old_path)
         return
-    # Object stores have no directory rename: move the shards, then the manifest
-    # last, so a reader that finds a manifest finds every shard it lists.
+    # Object stores have no directory rename. The old manifest goes first (its data set is
+    # about to change under it), the shards move (a server-side copy on S3), and the new
+    # manifest is written last: a reader that finds a manifest finds every shard it lists,
+    # and a writer killed anywhere on the way leaves none.
     if filesystem.get_file_info(out_path).type == pafs.FileType.Directory:
+        if filesystem.get_file_info(f"{out_path}/{MANIFEST}").type == pafs.FileType.File:
+            filesystem.delete_file(f"{out_path}/{MANIFEST}")
         filesystem.delete_dir_contents(out_path, missing_dir_ok=True)
     filesystem.create_dir(out_path, recursive=True)
-    names = sorted(info.base_name for info in filesystem.get_file_info(pafs.FileSelector(tmp_path)))
-    for name in [n for n in names if n != MANIFEST] + [MANIFEST]:
+    for name in sorted(info.base_name for info in filesystem.get_file_info(pafs.FileSelector(tmp_path))):
         filesystem.move(f"{tmp_path}/{name}", f"{out_path}/{name}")
+    _write_bytes(filesystem, f"{out_path}/{MANIFEST}", manifest)
     filesystem.delete_dir(tmp_path)
 
 
@@ -349,14 +414,17 @@ def _log_repairs(manifest: dict[str, Any], shown: str) -> None:
         if manifest[kind]:
             counts = ", ".join(f"{reason}={count}" for reason, count in manifest[kind].items())
             log.warning("%s: %s boxes: %s", shown, kind, counts)
+    if manifest["skipped_images"]:
+        log.warning("%s: %d bad image(s) skipped (listed in %s)", shown, len(manifest["skipped_images"]), MANIFEST)
 
 
 def format_manifest_summary(manifest: dict[str, Any], shard_dir: str | os.PathLike[str]) -> str:
-    """A few lines for people: totals, categories, what was dropped or clipped."""
+    """A few lines for people: totals, categories, what was dropped, clipped, corrected or skipped."""
+    source = manifest["source"]
     lines = [
         f"{os.fspath(shard_dir)}: {manifest['num_images']} images, {manifest['num_boxes']} boxes "
-        f"in {len(manifest['shards'])} shard(s) (source {manifest['source']['annotations']} "
-        f"sha256 {manifest['source']['sha256'][:12]})",
+        f"in {len(manifest['shards'])} shard(s) (source {source.get('format', 'coco')} {source['annotations']} "
+        f"sha256 {source['sha256'][:12]})",
         "  categories: "
         + ", ".join(f"{c['label']}={c['name']} (coco {c['coco_id']})" for c in manifest["categories"]),
     ]
@@ -364,6 +432,14 @@ def format_manifest_summary(manifest: dict[str, Any], shard_dir: str | os.PathLi
         counts = manifest[kind]
         text = ", ".join(f"{reason}={count}" for reason, count in counts.items()) if counts else "none"
         lines.append(f"  {kind} boxes: {text}")
+    if manifest.get("corrected"):
+        lines.append("  corrected: " + ", ".join(f"{reason}={count}" for reason, count in manifest["corrected"].items()))
+    skipped = manifest.get("skipped_images") or []
+    if skipped:
+        lines.append(f"  skipped images: {len(skipped)} (listed in manifest.json)")
+        lines += [f"    {image['problem']}" for image in skipped[:10]]
+        if len(skipped) > 10:
+            lines.append(f"    ... and {len(skipped) - 10} more")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from anchorless.errors import AnchorlessError
+from anchorless.platform.tracking.store import TAG_FORMATS
 
 HISTORY_TAG = "anchorless.champion_history"  # + ".<alias>": the versions the alias pointed at before
 
@@ -60,6 +61,7 @@ def list_models(client: MlflowClient, name: str | None = None) -> list[dict[str,
                     "AP": _float_or_none(tags.get("AP")),
                     "AP50": _float_or_none(tags.get("AP50")),
                     "duplicate_rate": _float_or_none(tags.get("duplicate_rate")),
+                    "formats": tags.get(TAG_FORMATS, "pyfunc"),
                     "run_id": version.run_id,
                     "created": version.creation_timestamp,
                 }
@@ -69,9 +71,9 @@ def list_models(client: MlflowClient, name: str | None = None) -> list[dict[str,
 
 
 def format_model_rows(rows: list[dict[str, Any]]) -> str:
-    header = ("name", "version", "aliases", "AP", "AP50", "dup_rate", "run")
+    header = ("name", "version", "aliases", "AP", "AP50", "dup_rate", "formats", "run")
     body = [
-        (r["name"], r["version"], ",".join(r["aliases"]) or "-", format_metric(r["AP"]), format_metric(r["AP50"]), format_metric(r["duplicate_rate"]), (r["run_id"] or "-")[:12])
+        (r["name"], r["version"], ",".join(r["aliases"]) or "-", format_metric(r["AP"]), format_metric(r["AP50"]), format_metric(r["duplicate_rate"]), r["formats"], (r["run_id"] or "-")[:12])
         for r in rows
     ]
     if not body:

@@ -22,6 +22,7 @@ TAG_VERSION = "anchorless.version"
 TAG_CONFIG_NAME = "anchorless.config_name"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own key: its UI shows it
 TAG_GIT_DIRTY = "anchorless.git_dirty"
+TAG_FORMATS = "anchorless.formats"  # on a model version: the formats its logged model holds (pyfunc, onnx)
 
 CONFIG_ARTIFACT = "config/resolved_config.yaml"
 DEEPSPEED_ARTIFACT = "config/deepspeed_config.json"

@@ -146,7 +146,7 @@ class Tracker:
         limit_http_retries()
         check_reachable(uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment_id = _ensure_experiment(client, uri, cfg.tracking.experiment)
+        experiment_id = _ensure_experiment(client, uri, cfg.tracking.experiment, cfg.tracking.artifact_location)
         if resume_run_id:
             return cls._reopen(client, uri, resume_run_id)
         run_name = cfg.tracking.run_name or cfg.name
@@ -301,13 +301,15 @@ class Tracker:
         self._call("set_terminated", self.client.set_terminated, self.run_id, status=status)
 
 
-def _ensure_experiment(client: "MlflowClient", uri: str, name: str) -> str:
+def _ensure_experiment(client: "MlflowClient", uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created (its artifacts at ``artifact_location`` when given) if it is new."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=default_artifact_location(uri, name))
+            location = artifact_location.rstrip("/") + "/" + name if artifact_location else default_artifact_location(uri, name)
+            return client.create_experiment(name, artifact_location=location)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
                 raise

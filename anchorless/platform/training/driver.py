@@ -17,7 +17,10 @@ The driver side of training, in the order it happens:
 A run lives in ``<workspace>/runs/<run name>/``: Ray Train's checkpoints and state
 next to ``run.json`` (MLflow run id), ``config.yaml``, ``deepspeed_config.json``,
 ``model.pt`` (the export) and ``summary.json``; a run started from another run's
-checkpoint (a PBT exploit) keeps its copy of that checkpoint under ``start/``.
+checkpoint (a PBT exploit) keeps its copy of that checkpoint under ``start/``. With
+``training.checkpoint.storage`` (a directory or ``s3://...``), Ray Train's checkpoints and
+state live there under the run's name instead (starting from another run's checkpoint
+needs them on a local path).
 """
 
 from __future__ import annotations
@@ -160,7 +163,8 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=plan.name,
-            storage_path=str(plan.run_dir.parent),
+            storage_path=plan.storage_path or str(plan.run_dir.parent),
+            storage_filesystem=plan.storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=training.checkpoint.keep_best,
@@ -312,7 +316,7 @@ def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, 
         "run_id": tracker.run_id,
         "run_name": plan.name,
         "model_uri": model_uri,
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": plan.checkpoint_uri(result.checkpoint.path),
         "export": str(export_path),
         "tracking_uri": tracker.tracking_uri,
         "epoch": metrics.get("epoch"),

@@ -20,7 +20,7 @@ from typing import Any
 from anchorless.errors import AnchorlessError, DataError
 from anchorless.platform.config import ConfigError, ExperimentConfig
 from anchorless.platform.data.pipeline import steps_per_epoch
-from anchorless.platform.data.shards import read_manifest
+from anchorless.platform.data.shards import read_manifest, resolve_location
 from anchorless.platform.training.engine import CHECKPOINT_SUBDIR, deepspeed_config
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,14 @@ class RunPlan:
     resume_run_id: str | None = None
     finished_summary: dict[str, Any] | None = None
     start_from: Path | None = None  # another run's checkpoint this run continues from
+    storage_path: str | None = None  # Ray Train's storage (checkpoints) when not <workspace>/runs
+    storage_filesystem: Any = None  # its pyarrow filesystem, for a URI (s3://...)
+
+    def checkpoint_uri(self, path: str) -> str:
+        """A checkpoint path Ray Train reports, as a URI when the storage is remote."""
+        if self.storage_filesystem is None or self.storage_filesystem.type_name == "local":
+            return path
+        return f"{self.storage_filesystem.type_name}://{path}"
 
 
 @dataclass(frozen=True)
@@ -146,8 +154,11 @@ def plan_run(cfg: ExperimentConfig, *, restart: bool = False, start_from: str | 
     ds_config = deepspeed_config(cfg.training, batch_size=cfg.data.batch_size, world_size=world_size)
 
     run_dir = runs_root(cfg) / name
+    storage_filesystem, storage_path = _checkpoint_storage(cfg)
     resume_run_id = finished = None
     source = _check_start_from(cfg, run_dir, start_from) if start_from is not None else None
+    if restart and storage_filesystem is not None:
+        _remove_remote_run(storage_filesystem, f"{storage_path}/{name}", cfg.training.checkpoint.storage)
     if restart and run_dir.exists():
         _remove_run_dir(run_dir)
     elif (run_dir / RUN_FILE).is_file():
@@ -173,7 +184,30 @@ def plan_run(cfg: ExperimentConfig, *, restart: bool = False, start_from: str | 
         resume_run_id=resume_run_id,
         finished_summary=finished,
         start_from=source,
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
     )
+
+
+def _checkpoint_storage(cfg: ExperimentConfig) -> tuple[Any, str | None]:
+    """``training.checkpoint.storage`` as (pyarrow filesystem, path in it); (None, None) for the default."""
+    storage = cfg.training.checkpoint.storage
+    if not storage:
+        return None, None
+    if "://" not in storage:
+        from pyarrow import fs as pafs
+
+        return pafs.LocalFileSystem(), str(Path(storage).resolve())
+    return resolve_location(storage)
+
+
+def _remove_remote_run(filesystem: Any, path: str, shown: str | None) -> None:
+    """--restart with checkpoints kept elsewhere: Ray Train would resume what is there."""
+    from pyarrow import fs as pafs
+
+    if filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+        filesystem.delete_dir(path)
+        log.info("--restart: removed the previous run's checkpoints under %s", shown)
 
 
 def _absolute(location: str) -> str:

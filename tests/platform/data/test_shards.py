@@ -13,6 +13,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from anchorless.errors import DataError
+from anchorless.platform.data import shards as shards_module
 from anchorless.platform.data.shards import (
     _move_into_place,
     coco_ground_truth,
@@ -143,6 +144,7 @@ def test_manifest_records_categories_counts_checksums_and_repairs(tmp_path, make
     assert manifest["dropped"] == {"zero_size_box": 1}
     assert manifest["clipped"] == {"box_extends_outside_image": 1}
     assert manifest["source"] == {
+        "format": "coco",
         "annotations": "instances.json",
         "sha256": hashlib.sha256(annotations.read_bytes()).hexdigest(),
     }
@@ -227,18 +229,26 @@ def test_output_uri_goes_through_pyarrow_filesystems(tmp_path, make_coco) -> Non
     assert coco_ground_truth(uri)["images"][0]["id"] == 1
 
 
-def test_object_store_placement_moves_shards_then_the_manifest(tmp_path) -> None:
+def test_object_store_placement_moves_shards_then_writes_the_manifest_last(tmp_path, monkeypatch) -> None:
     # SubTreeFileSystem is not a LocalFileSystem, so this takes the object-store path.
     store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
     (tmp_path / "tmp").mkdir()
-    for name in ("shard-00000.parquet", "manifest.json"):
-        (tmp_path / "tmp" / name).write_text(name)
+    (tmp_path / "tmp" / "shard-00000.parquet").write_text("new shard")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "manifest.json").write_text("old")
     (tmp_path / "out" / "shard-00009.parquet").write_text("stale")
-    _move_into_place(store, "tmp", "out", "s3://bucket/out")
+    written = []
+    original = shards_module._write_bytes
+
+    def spy(filesystem, path, data):
+        written.append((path, sorted(os.listdir(tmp_path / "out"))))
+        original(filesystem, path, data)
+
+    monkeypatch.setattr(shards_module, "_write_bytes", spy)
+    _move_into_place(store, "tmp", "out", "s3://bucket/out", b"new manifest")
+    assert written == [("out/manifest.json", ["shard-00000.parquet"])]  # every shard in place before it
     assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json", "shard-00000.parquet"]
-    assert (tmp_path / "out" / "manifest.json").read_text() == "manifest.json"
+    assert (tmp_path / "out" / "manifest.json").read_text() == "new manifest"
     assert not (tmp_path / "tmp").exists()
 
 
@@ -253,3 +263,41 @@ def test_bccd_shards_drop_the_two_zero_size_boxes_and_keep_every_image(tmp_path,
         assert manifest["dropped"] == ({"zero_size_box": zero_size} if zero_size else {})
         assert manifest["clipped"] == {}
         assert sum(shard["num_images"] for shard in manifest["shards"]) == num_images
+
+
+def _break_three_images(images: Path) -> None:
+    (images / "img_1.jpg").write_text("this is not a JPEG")
+    _truncate(images)  # img_2
+    (images / "img_3.jpg").unlink()
+
+
+def test_every_bad_image_is_listed_in_one_error_and_nothing_is_written(tmp_path, make_coco) -> None:
+    annotations, images = make_coco()
+    _break_three_images(images)
+    with pytest.raises(DataError) as info:
+        write_shards(annotations, images, tmp_path / "out", target_shard_mb=1e-6, workers=2, progress=False)
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("3 bad images; nothing was written (--skip-bad-images")
+    assert re.search(r"img_3\.jpg \(image id 3 in .*instances\.json\): missing image file", lines[1])
+    assert re.search(r"img_1\.jpg \(image id 1\): not an image file", lines[2])
+    assert re.search(r"img_2\.jpg \(image id 2\): unreadable or truncated image", lines[3])
+    assert _leftovers(tmp_path) == []
+
+
+def test_skipping_bad_images_leaves_them_out_counts_their_boxes_and_lists_them_in_the_manifest(tmp_path, make_coco) -> None:
+    annotations, images = make_coco()
+    _truncate(images)  # img_2: two boxes, one of them crowd
+    (images / "img_3.jpg").unlink()
+    manifest = write_shards(annotations, images, tmp_path / "out", workers=1, progress=False, skip_bad_images=True)
+    assert (manifest["num_images"], manifest["num_boxes"], manifest["num_crowd_boxes"]) == (1, 2, 0)
+    assert manifest["dropped"] == {"image_skipped": 2}
+    assert [(s["file_name"], s["image_id"]) for s in manifest["skipped_images"]] == [("img_3.jpg", 3), ("img_2.jpg", 2)]
+    assert "missing image file" in manifest["skipped_images"][0]["problem"]
+    assert [row["image_id"] for row in pq.read_table(tmp_path / "out" / manifest["shards"][0]["file"]).to_pylist()] == [1]
+    assert "skipped images: 2" in format_manifest_summary(manifest, tmp_path / "out")
+
+
+def test_two_images_naming_one_file_are_refused(tmp_path, make_coco) -> None:
+    annotations, images = make_coco(lambda coco: coco["images"][2].update(file_name="img_1.jpg"))
+    with pytest.raises(DataError, match=r"image id 3: file_name 'img_1\.jpg' is also image id 1's"):
+        write_shards(annotations, images, tmp_path / "out", progress=False)

@@ -67,6 +67,12 @@ DETECTORS = {
         "name": "onenet", "num_classes": 3, "backbone": {"depth": 18}, "head": {"ltrb_scale": 4.0, "one_to_many_topk": 9}
     },
     "fcos_r18": {"name": "fcos", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},
+    # FCOS + ATSS (configs/bccd_fcos_atss_r18.yaml), GFL v1 (configs/bccd_gfl_r18.yaml) and v2.
+    "fcos_atss_r18": {
+        "name": "fcos", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}, "assigner": {"kind": "atss"}
+    },
+    "gfl_r18": {"name": "gfl", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},
+    "gfl_v2_r18": {"name": "gfl_v2", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},
 }
 
 

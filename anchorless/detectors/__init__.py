@@ -1,5 +1,5 @@
 """Detectors: pure PyTorch models for anchor-free, NMS-free object detection (OneNet,
-CenterNet, FCOS and their kin), one file per detector over shared parts in
+CenterNet, FCOS, GFL and their kin), one file per detector over shared parts in
 ``backbones/``, ``necks/``, ``layers/``, ``assigners/``, ``losses/`` and ``postprocess/``.
 
 Everything here runs and is tested with plain PyTorch, torchvision and scipy; nothing here
@@ -18,7 +18,7 @@ from anchorless.detectors.registry import (
 )
 
 # Each detector module registers its class when imported; a new detector file joins this line.
-from anchorless.detectors import centernet, fcos, onenet  # noqa: E402, F401  isort: skip
+from anchorless.detectors import centernet, fcos, gfl, onenet  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DETECTORS",

@@ -111,9 +111,7 @@ class BaseDetector(nn.Module):
     def forward(
         self, images: torch.Tensor, targets: Sequence[Target] | None = None
     ) -> dict[str, torch.Tensor] | Detections:
-        image_size = self._check_images(images)
-        features = self.neck(self.backbone((images - self.pixel_mean) / self.pixel_std))
-        outputs = as_float32(self.forward_head(features))
+        image_size, outputs = self._network(images)
         # Under a caller's autocast (bf16 training) the network runs in low precision, but
         # assignment, losses and decoding stay float32: costs and box sums need the bits.
         with torch.autocast(images.device.type, enabled=False):
@@ -121,6 +119,22 @@ class BaseDetector(nn.Module):
                 return self.inference(outputs, image_size)
             targets = self._check_targets(targets, images)
             return sum_losses(self.losses(outputs, targets, image_size))
+
+    def _network(self, images: torch.Tensor) -> tuple[tuple[int, int], dict[str, Any]]:
+        """(image size, the head's outputs in float32) of normalised images."""
+        image_size = self._check_images(images)
+        features = self.neck(self.backbone((images - self.pixel_mean) / self.pixel_std))
+        return image_size, as_float32(self.forward_head(features))
+
+    @torch.no_grad()
+    def predict_padded(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The detections of :meth:`predict` as fixed-shape batch tensors, the form a deployment
+        graph (ONNX) returns: ``boxes`` (B, K, 4), ``scores`` (B, K), ``labels`` (B, K), K =
+        ``postprocess.topk``, best first, padded with score 0. Decoded batch-wide, without a
+        Python loop over images, so the whole path traces into one graph. Use in eval mode."""
+        image_size, outputs = self._network(images)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.inference_padded(outputs, image_size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Detections:
@@ -138,15 +152,17 @@ class BaseDetector(nn.Module):
         """Build every section from ``cls.components[section]`` with its resolved settings.
 
         The backbone returns the strides the neck takes, the neck's channels (and strides)
-        feed the head; the assigner, loss and post-processing take only their settings.
+        feed the head; the loss, assigner and post-processing take their settings plus
+        whatever :meth:`part_inputs` passes (the loss is built first, so an assigner can
+        match on the loss's own terms).
         """
         table = cls.components
         parts: dict[str, nn.Module] = {}
         parts["backbone"] = cls.make("backbone", table["backbone"], table["neck"].in_strides, **cfg["backbone"])
         parts["neck"] = cls.make("neck", table["neck"], parts["backbone"].out_channels, **cfg["neck"])
         parts["head"] = cls.make("head", table["head"], *cls.head_inputs(parts["neck"], num_classes), **cfg["head"])
-        for section in ("assigner", "loss", "postprocess"):
-            parts[section] = cls.make(section, table[section], **cfg[section])
+        for section in ("loss", "assigner", "postprocess"):
+            parts[section] = cls.make(section, table[section], *cls.part_inputs(section, parts), **cfg[section])
         cls.check_parts(parts)
         return cls(num_classes, **parts)
 
@@ -154,6 +170,12 @@ class BaseDetector(nn.Module):
     def head_inputs(cls, neck: nn.Module, num_classes: int) -> tuple[Any, ...]:
         """The head's positional arguments: the neck's width and the class count."""
         return neck.out_channels[0], num_classes
+
+    @classmethod
+    def part_inputs(cls, section: str, parts: Mapping[str, nn.Module]) -> tuple[Any, ...]:
+        """Positional arguments of the loss, assigner or post-processing, from the parts built
+        before it (none by default; OneNet's assigner takes its loss's IoU kind)."""
+        return ()
 
     @classmethod
     def check_parts(cls, parts: Mapping[str, nn.Module]) -> None:
@@ -170,6 +192,10 @@ class BaseDetector(nn.Module):
             raise DetectorConfigError(f"detector.{section}: {error}") from error
 
     # ------------------------------------------------------------------ to implement
+    def inference_padded(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """:meth:`inference` batch-wide with fixed shapes (see :meth:`predict_padded`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no batch-wide decoding, so it cannot be exported")
+
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -221,3 +247,31 @@ class SingleMapDetector(BaseDetector):
     deconvolution upsampler, as OneNet uses it too), and one head on that map."""
 
     stride = 4
+
+
+class PyramidDetector(BaseDetector):
+    """A backbone, an FPN neck (P3-P7) and one head shared by every level (FCOS, GFL); the
+    head gets the neck's strides, and every level's locations are laid out one after another."""
+
+    @classmethod
+    def head_inputs(cls, neck: nn.Module, num_classes: int) -> tuple[Any, ...]:
+        return neck.out_channels[0], num_classes, neck.out_strides
+
+    @staticmethod
+    def locations(features: Sequence[torch.Tensor], strides: Sequence[int]) -> dict[str, Any]:
+        """The locations of all levels: ``points`` (R, 2) xy in input pixels, ``point_strides``
+        (R,), ``point_levels`` (R,) and ``level_sizes`` (R_l of each level)."""
+        device = features[0].device
+        points, point_strides, point_levels, sizes = [], [], [], []
+        for level, (feature, stride) in enumerate(zip(features, strides)):
+            height, width = feature.shape[-2:]
+            points.append(grid_points(height, width, stride, device))  # (H_l*W_l, 2)
+            point_strides.append(torch.full((height * width,), stride, device=device))
+            point_levels.append(torch.full((height * width,), level, device=device, dtype=torch.long))
+            sizes.append(height * width)
+        return {
+            "points": torch.cat(points),  # (R, 2)
+            "point_strides": torch.cat(point_strides),  # (R,)
+            "point_levels": torch.cat(point_levels),  # (R,)
+            "level_sizes": sizes,  # L ints
+        }

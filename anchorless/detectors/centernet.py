@@ -144,3 +144,17 @@ class CenterNet(SingleMapDetector):
             boxes = clip_boxes_to_image(boxes, image_size)
             detections.append(self.postprocess.finalize(boxes, scores, labels))
         return detections
+
+    def inference_padded(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        peaks = heatmap_peaks(outputs["heatmap"])  # (B, C, H, W)
+        width, cells = peaks.shape[-1], peaks.shape[-2] * peaks.shape[-1]
+        scores, flat_idx = peaks.flatten(1).topk(min(self.postprocess.topk, peaks[0].numel()), dim=1)  # (B, K)
+        labels, cell = flat_idx // cells, flat_idx % cells  # (B, K)
+        ys, xs = cell // width, cell % width  # (B, K)
+        at_peaks = cell.unsqueeze(1).expand(-1, 2, -1)  # (B, 2, K)
+        size = outputs["size"].flatten(2).gather(2, at_peaks)  # (B, 2, K): w, h
+        offset = outputs["offset"].flatten(2).gather(2, at_peaks)  # (B, 2, K): dx, dy
+        cx, cy = xs + offset[:, 0], ys + offset[:, 1]  # (B, K)
+        w, h = size[:, 0], size[:, 1]  # (B, K)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=2) * self.stride  # (B, K, 4)
+        return self.postprocess.finalize_padded(clip_boxes_to_image(boxes, image_size), scores, labels)

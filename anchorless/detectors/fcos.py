@@ -4,38 +4,33 @@ regression normalised by the stride.
 
 Every location of P3-P7 inside a box whose size suits that level regresses the distances
 (l, t, r, b) to the box sides; a centerness branch down-weights off-centre locations at
-test time. Inference (:class:`LevelwisePostprocess`) keeps cls > 0.05, top 1000 per level,
-score sqrt(cls * centerness), class-wise NMS at 0.6, top 100.
+test time. ``assigner.kind: atss`` swaps the size ranges and centre sampling for ATSS
+("FCOS + ATSS" of the ATSS paper); ``loss.box_loss`` picks the IoU-family box loss.
+Inference (:class:`LevelwisePostprocess`) keeps cls > 0.05, top 1000 per level, score
+sqrt(cls * centerness), class-wise NMS at 0.6 (``postprocess.nms`` picks the kind), top 100.
 
 Shapes: B images, C classes, L levels, R = locations of all levels, P = positives.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from anchorless.detectors.assigners import PointAssigner
+from anchorless.detectors.assigners import PyramidAssigner
 from anchorless.detectors.backbones import ResNetBackbone
-from anchorless.detectors.base import BaseDetector, DetectorConfigError, Detections, grid_points, reduce_normalizer
-from anchorless.detectors.losses import CenternessLoss, FocalLoss, IoULoss, centerness_target
+from anchorless.detectors.base import DetectorConfigError, Detections, PyramidDetector, reduce_normalizer
+from anchorless.detectors.layers import TowerHead, init_dense_head
+from anchorless.detectors.losses import CenternessLoss, FocalLoss, IoUKind, IoULoss, centerness_target
 from anchorless.detectors.necks import FPN
 from anchorless.detectors.postprocess import LevelwisePostprocess, decode_ltrb
 from anchorless.detectors.registry import register
 
 
-def _tower(channels: int, num_convs: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, kernel_size=3, padding=1), nn.GroupNorm(32, channels), nn.ReLU()]
-    return nn.Sequential(*layers)
-
-
-class FCOSHead(nn.Module):
+class FCOSHead(TowerHead):
     """Head shared by all levels: a classification tower and a regression tower of
     ``num_convs`` x (3x3 conv + GroupNorm + ReLU); class logits on the first, ltrb and
     centerness on the second; a learnable scale per level on the regression.
@@ -58,19 +53,10 @@ class FCOSHead(nn.Module):
         num_convs: int = 4,
         prior_prob: float = 0.01,
     ) -> None:
-        super().__init__()
-        self.strides = tuple(strides)
-        self.cls_tower = _tower(in_channels, num_convs)
-        self.reg_tower = _tower(in_channels, num_convs)
-        self.cls_logits = nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=1)
+        super().__init__(in_channels, num_classes, strides, num_convs)
         self.bbox_pred = nn.Conv2d(in_channels, 4, kernel_size=3, padding=1)
         self.centerness = nn.Conv2d(in_channels, 1, kernel_size=3, padding=1)
-        self.scales = nn.Parameter(torch.ones(len(self.strides)))  # (L,)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.01)
-                nn.init.zeros_(module.bias)
-        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        init_dense_head(self, self.cls_logits, prior_prob)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """L maps (B, D, H_l, W_l) -> cls logits (B, R, C), ltrb in pixels (B, R, 4), centerness logits (B, R)."""
@@ -96,7 +82,8 @@ class FCOSLoss(nn.Module):
         box: weight of the IoU loss, weighted by the centerness target and normalised by its
             sum (1).
         centerness: weight of the centerness BCE, normalised by positives (1).
-        box_loss: "giou" (official imprv), "diou" or "ciou".
+        box_loss: "giou" (official imprv), "iou" (-ln IoU, FCOS's original), "linear_iou",
+            "diou" or "ciou".
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2).
     """
 
@@ -106,7 +93,7 @@ class FCOSLoss(nn.Module):
         cls: float = 1.0,
         box: float = 1.0,
         centerness: float = 1.0,
-        box_loss: Literal["giou", "diou", "ciou"] = "giou",
+        box_loss: IoUKind = "giou",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
@@ -117,14 +104,14 @@ class FCOSLoss(nn.Module):
 
 
 @register("fcos")
-class FCOS(BaseDetector):
-    """FCOS: ResNet + FPN P3-P7, shared head, PointAssigner, per-level top-k + NMS."""
+class FCOS(PyramidDetector):
+    """FCOS: ResNet + FPN P3-P7, shared head, the point assigner (or ATSS), per-level top-k + NMS."""
 
     components = {
         "backbone": ResNetBackbone,
         "neck": FPN,
         "head": FCOSHead,
-        "assigner": PointAssigner,
+        "assigner": PyramidAssigner,
         "loss": FCOSLoss,
         "postprocess": LevelwisePostprocess,
     }
@@ -132,13 +119,9 @@ class FCOS(BaseDetector):
     defaults = {"backbone": {"depth": 50, "norm": "frozen_bn", "frozen_stages": 2}}
 
     @classmethod
-    def head_inputs(cls, neck: nn.Module, num_classes: int) -> tuple[Any, ...]:
-        return neck.out_channels[0], num_classes, neck.out_strides
-
-    @classmethod
     def check_parts(cls, parts: Mapping[str, nn.Module]) -> None:
         levels, strides = parts["assigner"].num_levels, parts["neck"].out_strides
-        if levels != len(strides):
+        if levels is not None and levels != len(strides):
             raise DetectorConfigError(
                 f"detector.assigner.size_ranges: {levels + 1} entries give {levels} levels; the neck has "
                 f"{len(strides)} (strides {', '.join(map(str, strides))}), so give {len(strides) + 1}"
@@ -146,23 +129,11 @@ class FCOS(BaseDetector):
 
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
         cls_logits, ltrb, centerness = self.head(features)
-        device = cls_logits.device
-        strides = self.head.strides
-        points, point_strides, point_levels, sizes = [], [], [], []
-        for level, (feature, stride) in enumerate(zip(features, strides)):
-            height, width = feature.shape[-2:]
-            points.append(grid_points(height, width, stride, device))  # (H_l*W_l, 2)
-            point_strides.append(torch.full((height * width,), stride, device=device))
-            point_levels.append(torch.full((height * width,), level, device=device, dtype=torch.long))
-            sizes.append(height * width)
         return {
             "cls_logits": cls_logits,  # (B, R, C)
             "ltrb": ltrb,  # (B, R, 4) in pixels; decoded to boxes only where needed
             "centerness": centerness,  # (B, R)
-            "points": torch.cat(points),  # (R, 2)
-            "point_strides": torch.cat(point_strides),  # (R,)
-            "point_levels": torch.cat(point_levels),  # (R,)
-            "level_sizes": sizes,  # L ints
+            **self.locations(features, self.head.strides),  # points (R, 2), point_strides, point_levels, level_sizes
         }
 
     def losses(
@@ -204,3 +175,9 @@ class FCOS(BaseDetector):
             image_size,
             quality=outputs["centerness"].sigmoid(),  # (B, R)
         )
+
+    def inference_padded(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return self.postprocess.forward_padded(
+            outputs["cls_logits"].sigmoid(), outputs["ltrb"], outputs["points"], outputs["level_sizes"], image_size,
+            quality=outputs["centerness"].sigmoid(),
+        )  # fmt: skip

@@ -18,6 +18,7 @@ Shapes: B images, C classes, H x W the stride-4 map, R = H*W locations, M ground
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torchvision.ops import clip_boxes_to_image
 from anchorless.detectors.assigners import AssignResult, MinCostAssigner
 from anchorless.detectors.backbones import ResNetBackbone
 from anchorless.detectors.base import Detections, SingleMapDetector, grid_points, reduce_normalizer
-from anchorless.detectors.losses import FocalLoss, IoULoss, L1Loss
+from anchorless.detectors.losses import FocalLoss, IoUKind, IoULoss, L1Loss
 from anchorless.detectors.necks import DeconvUpsampler
 from anchorless.detectors.postprocess import Postprocess, decode_ltrb, topk_dense
 from anchorless.detectors.registry import register
@@ -135,12 +136,16 @@ class OneNetHead(nn.Module):
 
 
 class OneNetLoss(nn.Module):
-    """OneNet's weighted losses: focal classification, L1 on size-normalised boxes, GIoU.
+    """OneNet's weighted losses: focal classification, L1 on size-normalised boxes, GIoU (or
+    another IoU-family loss).
 
     Args:
-        cls, l1, giou: loss weights (2, 5, 2: the same as the matching cost).
+        cls, l1, giou: loss weights (2, 5, 2: the same as the matching cost); ``giou`` weighs
+            the IoU-family term whatever its kind (``loss_giou`` keeps its name).
         focal_alpha, focal_gamma: focal loss parameters (0.25, 2).
         one_to_many: factor on the auxiliary one-to-many head's three terms (when the head has one).
+        box_loss: the IoU-family kind, "giou" (the paper), "iou", "linear_iou", "diou" or
+            "ciou"; the matching cost uses the same kind.
     """
 
     def __init__(
@@ -152,11 +157,12 @@ class OneNetLoss(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         one_to_many: float = 1.0,
+        box_loss: IoUKind = "giou",
     ) -> None:
         super().__init__()
         self.cls_loss = FocalLoss(weight=cls, alpha=focal_alpha, gamma=focal_gamma)
         self.l1_loss = L1Loss(weight=l1)
-        self.giou_loss = IoULoss(weight=giou, kind="giou")
+        self.giou_loss = IoULoss(weight=giou, kind=box_loss)
         self.one_to_many = one_to_many
 
 
@@ -174,6 +180,11 @@ class OneNet(SingleMapDetector):
     }
     # Official OneNet R18: BatchNorm, nothing frozen.
     defaults = {"backbone": {"depth": 18, "norm": "bn"}}
+
+    @classmethod
+    def part_inputs(cls, section: str, parts: Mapping[str, nn.Module]) -> tuple[Any, ...]:
+        # The matching cost's IoU term is the box loss's kind (detector.loss.box_loss).
+        return (parts["loss"].giou_loss.kind,) if section == "assigner" else ()
 
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
         predictions = self.head(features[-1])
@@ -251,3 +262,12 @@ class OneNet(SingleMapDetector):
             boxes = clip_boxes_to_image(image_boxes[point_idx], image_size)  # (K, 4)
             detections.append(self.postprocess.finalize(boxes, scores, labels))
         return detections
+
+    def inference_padded(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        head = outputs["heads"][0]
+        probs = head["cls_logits"].sigmoid()  # (B, R, C)
+        num_classes = probs.shape[-1]
+        scores, flat_idx = probs.flatten(1).topk(min(self.postprocess.topk, probs[0].numel()), dim=1)  # (B, K)
+        point_idx, labels = flat_idx // num_classes, flat_idx % num_classes  # (B, K)
+        boxes = head["boxes"].gather(1, point_idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, K, 4)
+        return self.postprocess.finalize_padded(clip_boxes_to_image(boxes, image_size), scores, labels)

@@ -12,6 +12,8 @@ LOSS_NAMES = {
     "onenet": {"loss_cls", "loss_l1", "loss_giou", "loss"},
     "centernet": {"loss_heatmap", "loss_size", "loss_offset", "loss"},
     "fcos": {"loss_cls", "loss_box", "loss_centerness", "loss"},
+    "gfl": {"loss_qfl", "loss_box", "loss_dfl", "loss"},
+    "gfl_v2": {"loss_qfl", "loss_box", "loss_dfl", "loss"},
 }
 SIZE = 128
 # FCOS's size ranges are scaled down so that every level of a 128-pixel image gets positives.
@@ -19,6 +21,8 @@ CONFIGS = {
     "onenet": small_config("onenet"),
     "centernet": small_config("centernet"),
     "fcos": small_config("fcos", assigner={"size_ranges": [-1, 16, 32, 48, 64, 1e8]}),
+    "gfl": small_config("gfl"),  # ATSS: every level takes part whatever the image size
+    "gfl_v2": small_config("gfl_v2"),
 }
 
 
@@ -51,8 +55,10 @@ def test_gradients_reach_every_trainable_parameter(detector):
     model(torch.rand(2, 3, SIZE, SIZE), _targets())["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert missing == []
-    if name == "fcos":
-        assert (model.head.scales.grad != 0).all()  # every level's learnable scale
+    if name in ("fcos", "gfl_v2"):
+        # Every level's learnable scale (GFL v1's only where ATSS finds positives; v2's quality
+        # reads every level's distributions).
+        assert (model.head.scales.grad != 0).all()
 
 
 def test_under_bf16_autocast_losses_stay_float32_and_close_to_float32_training(detector):

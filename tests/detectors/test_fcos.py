@@ -42,3 +42,20 @@ def test_swapping_one_entry_of_the_fcos_components_table_swaps_the_built_part(se
     assert type(getattr(model, section)) is replacement
     others = [s for s in SECTIONS if s != section]
     assert all(type(getattr(model, s)) is FCOS.components[s] for s in others)
+
+
+def test_fcos_takes_atss_by_config_with_anchors_of_eight_strides_and_any_number_of_levels():
+    model = build_detector(small_config("fcos", assigner={"kind": "atss", "size_ranges": [-1, 1e8]}))
+    assert type(model.assigner.rule).__name__ == "ATSSAssigner" and model.assigner.num_levels is None
+    assert model.assigner.rule.anchor_scale == 8.0 and model.assigner.rule.topk == 9
+    targets = [{"boxes": torch.tensor([[8.0, 12, 28, 32], [40, 16, 88, 60]]), "labels": torch.tensor([0, 1])}]
+    losses = model(torch.rand(1, 3, 64, 96), targets)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_box"] > 0
+    # The point rule stays the default, its size ranges checked against the pyramid.
+    assert build_detector(small_config("fcos")).assigner.kind == "point"
+
+
+@pytest.mark.parametrize("box_loss", ["iou", "linear_iou", "giou", "diou", "ciou"])
+def test_fcos_box_loss_is_chosen_by_config(box_loss):
+    model = build_detector(small_config("fcos", loss={"box_loss": box_loss}))
+    assert model.loss.box_loss.kind == box_loss

@@ -9,6 +9,13 @@ reached AP50 = 1.0 by step 50; CenterNet and FCOS get 80 steps for margin, OneNe
 positive per object, so its boxes learn from few samples) gets 100. FCOS runs its forward
 under bf16 autocast (``training.precision=bf16`` on CPU): AP50 1.0, AP 0.99 in our runs, as
 in float32; OneNet in bf16 also reached AP50 1.0.
+
+The assignment and quality variants (GFL v1, v2, FCOS + ATSS) learn in one cheaper case each:
+a slim pyramid head (64 channels, 2 convs per tower: a tenth of the default head's compute,
+~0.15 s a step here), bf16, 60 steps at 2e-3. All three reached AP50 1.0 by step 60 (FCOS +
+ATSS by step 40). GFL starts its box sides short (``head.dist_bias_decay`` 1): from the
+official uniform start (8-stride sides) two of the fifteen objects, lone 10-px ones, stayed
+undetected after 150 steps (AP50 0.86), see :class:`~anchorless.detectors.gfl.GFLHead`.
 """
 
 from __future__ import annotations
@@ -38,12 +45,27 @@ def handful(tmp_path_factory):
     return load_synthetic(root, "train", NUM_IMAGES)
 
 
+# The variants: config, steps, peak learning rate (all in bf16).
+SLIM_HEAD = {"neck": {"out_channels": 64}, "head": {"num_convs": 2}}
+VARIANTS = {
+    "gfl": (small_config("gfl", neck=SLIM_HEAD["neck"], head={**SLIM_HEAD["head"], "dist_bias_decay": 1.0}), 60, 2e-3),
+    "gfl_v2": (small_config("gfl_v2", neck=SLIM_HEAD["neck"], head={**SLIM_HEAD["head"], "dist_bias_decay": 1.0}), 60, 2e-3),
+    "fcos_atss": (small_config("fcos", assigner={"kind": "atss"}, **SLIM_HEAD), 60, 2e-3),
+}
+
+
 def overfit(
     name: str, images: torch.Tensor, targets: list[dict], bf16: bool = False
 ) -> tuple[torch.nn.Module, list[float]]:
     steps, lr = RECIPES[name]
+    return train(small_config(name), steps, lr, images, targets, bf16)
+
+
+def train(
+    cfg: dict, steps: int, lr: float, images: torch.Tensor, targets: list[dict], bf16: bool
+) -> tuple[torch.nn.Module, list[float]]:
     torch.manual_seed(0)
-    model = build_detector(small_config(name))
+    model = build_detector(cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
@@ -81,3 +103,14 @@ def test_detector_overfits_a_handful_of_synthetic_images(name, bf16, handful):
     if name == "onenet":
         # NMS-free: the confident detections barely ever repeat an object.
         assert duplicate_rate(detections) <= 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_assignment_and_quality_variants_overfit_a_handful_of_synthetic_images(variant, handful):
+    images, targets, gt = handful
+    cfg, steps, lr = VARIANTS[variant]
+    model, history = train(cfg, steps, lr, images, targets, bf16=True)
+    metrics, _ = evaluate(model, images, gt)
+    assert history[-1] < 0.4 * history[0], history[:: max(1, len(history) // 10)]
+    assert metrics["AP50"] >= 0.9, metrics

@@ -36,3 +36,12 @@ def test_onenet_ltrb_scale_multiplies_the_regression_and_keeps_the_initial_box_s
     torch.testing.assert_close(ltrb, torch.full_like(ltrb, 4.0))
     with pytest.raises(ValueError, match="ltrb_scale must be > 0"):
         OneNetHead(16, 3, ltrb_scale=0.0)
+
+
+@pytest.mark.parametrize("box_loss", ["iou", "linear_iou", "giou", "diou", "ciou"])
+def test_onenet_matches_on_the_same_iou_kind_it_trains_with(box_loss):
+    model = build_detector(small_config("onenet", loss={"box_loss": box_loss}))
+    assert model.loss.giou_loss.kind == box_loss and model.assigner.iou_cost.kind == box_loss
+    assert "box_loss" not in model.config["assigner"]  # one config path: detector.loss.box_loss
+    losses = model(torch.rand(1, 3, 64, 64), [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]]), "labels": torch.tensor([1])}])
+    assert torch.isfinite(losses["loss"])

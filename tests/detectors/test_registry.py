@@ -11,6 +11,7 @@ from anchorless.detectors import DETECTORS, DetectorConfigError, build_detector,
 from anchorless.detectors import registry
 from anchorless.detectors.centernet import CenterNet
 from anchorless.detectors.fcos import FCOS
+from anchorless.detectors.gfl import GFL, GFLV2
 from anchorless.detectors.onenet import OneNet
 
 from .conftest import small_config
@@ -18,8 +19,8 @@ from .conftest import small_config
 PACKAGE = Path(detectors.__file__).parent
 
 
-def test_registry_names_the_three_detectors():
-    assert DETECTORS == {"onenet": OneNet, "centernet": CenterNet, "fcos": FCOS}
+def test_registry_names_every_detector():
+    assert DETECTORS == {"onenet": OneNet, "centernet": CenterNet, "fcos": FCOS, "gfl": GFL, "gfl_v2": GFLV2}
 
 
 def test_defaults_are_the_papers_values():
@@ -27,8 +28,13 @@ def test_defaults_are_the_papers_values():
     assert onenet["assigner"] == {
         "cost_cls": 2.0, "cost_l1": 5.0, "cost_giou": 2.0, "mode": "min", "focal_alpha": 0.25, "focal_gamma": 2.0
     }
-    assert onenet["loss"] == {"cls": 2.0, "l1": 5.0, "giou": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0, "one_to_many": 1.0}
-    assert onenet["postprocess"] == {"topk": 100, "nms": False, "nms_iou": 0.6, "score_threshold": 0.0}
+    assert onenet["loss"] == {
+        "cls": 2.0, "l1": 5.0, "giou": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0, "one_to_many": 1.0, "box_loss": "giou"
+    }
+    assert onenet["postprocess"] == {
+        "topk": 100, "nms": False, "nms_iou": 0.6, "score_threshold": 0.0,
+        "nms_sigma": None, "nms_beta": None, "nms_min_score": None,  # null: each NMS kind's paper value
+    }
     assert onenet["head"] == {
         "prior_prob": 0.01, "num_heads": 1, "ltrb_init": 4.0, "ltrb_scale": 1.0, "one_to_many_topk": 0,  # no auxiliary head
         "one_to_many_shares_boxes": True,
@@ -40,10 +46,25 @@ def test_defaults_are_the_papers_values():
 
     fcos = default_detector_config("fcos")
     assert fcos["assigner"]["size_ranges"] == [-1.0, 64.0, 128.0, 256.0, 512.0, float("inf")]
+    assert fcos["assigner"]["kind"] == "point"  # ATSS by config: kind atss, 9 per level, anchors of 8 strides
+    assert (fcos["assigner"]["topk"], fcos["assigner"]["anchor_scale"]) == (9, 8.0)
     assert fcos["postprocess"] == {
-        "topk": 100, "nms": True, "nms_iou": 0.6, "score_threshold": 0.05, "pre_nms_topk": 1000
+        "topk": 100, "nms": True, "nms_iou": 0.6, "score_threshold": 0.05, "pre_nms_topk": 1000,
+        "nms_sigma": None, "nms_beta": None, "nms_min_score": None,
     }
     assert fcos["backbone"]["depth"] == 50 and fcos["neck"] == {"out_channels": 256}
+
+    gfl, gfl_v2 = default_detector_config("gfl"), default_detector_config("gfl_v2")
+    assert gfl["loss"] == {"qfl": 1.0, "dfl": 0.25, "box": 2.0, "box_loss": "giou", "qfl_beta": 2.0}
+    assert gfl["assigner"] == {"topk": 9, "anchor_scale": 8.0}
+    assert gfl["head"] == {
+        "num_convs": 4, "prior_prob": 0.01, "reg_max": 16, "version": "v1", "dgqp_topk": 4, "dgqp_channels": 64,
+        "dist_bias_decay": 0.0,  # the official uniform start
+    }
+    assert gfl_v2["head"]["version"] == "v2" and {k: v for k, v in gfl_v2.items() if k not in ("name", "head")} == {
+        k: v for k, v in gfl.items() if k not in ("name", "head")
+    }
+    assert gfl["postprocess"] == fcos["postprocess"]  # 0.05, top 1000 per level, NMS 0.6, 100
 
 
 def test_every_weight_is_reachable_by_its_dotted_path():
@@ -68,10 +89,13 @@ def test_resolved_config_builds_the_same_detector_again():
          "detector.assigner.cost_gio: unknown key; expected one of cost_cls, cost_giou, cost_l1, focal_alpha, focal_gamma, mode"),
         ({"name": "onenet", "assigner": {"cost_giou": "2"}}, "detector.assigner.cost_giou: expected float, got str '2'"),
         ({"name": "onenet", "assigner": {"mode": "fast"}}, "detector.assigner.mode: expected one of 'min', 'hungarian'"),
-        ({"name": "onenet", "postprocess": {"nms": 1}}, "detector.postprocess.nms: expected bool, got int 1"),
+        ({"name": "onenet", "postprocess": {"nms": 1}}, "detector.postprocess.nms: expected bool or one of 'none', 'hard'"),
+        ({"name": "onenet", "postprocess": {"nms": "greedy"}}, "detector.postprocess.nms: expected bool or one of 'none'"),
+        ({"name": "fcos", "assigner": {"kind": "simota"}}, "detector.assigner.kind: expected one of 'point', 'atss'"),
+        ({"name": "gfl", "loss": {"box_loss": "eiou"}}, "detector.loss.box_loss: expected one of 'iou', 'linear_iou'"),
         ({"name": "centernet", "backbone": {"depth": 101}}, "detector.backbone.depth: expected one of 18, 34, 50"),
         ({"name": "fcos", "head": {"num_convs": 2.5}}, "detector.head.num_convs: expected int, got float 2.5"),
-        ({"name": "yolo"}, "detector.name: unknown detector 'yolo'; expected one of centernet, fcos, onenet"),
+        ({"name": "yolo"}, "detector.name: unknown detector 'yolo'; expected one of centernet, fcos, gfl, gfl_v2, onenet"),
         ({"num_classes": 3}, "detector.name: missing"),
         ({"name": "onenet", "num_classes": 0}, "detector.num_classes: expected a positive int"),
         ({"name": "onenet", "optimizer": {}}, "detector.optimizer: unknown key"),

@@ -5,21 +5,25 @@ under ``torch.no_grad()``: matching picks targets, it is never differentiated. B
 xyxy in input pixels.
 """
 
+from anchorless.detectors.assigners.atss import ATSSAssigner
 from anchorless.detectors.assigners.base import AssignResult
 from anchorless.detectors.assigners.center_heatmap import CenterHeatmapTarget
-from anchorless.detectors.assigners.costs import BoxL1Cost, FocalClassCost, GIoUCost
+from anchorless.detectors.assigners.costs import BoxL1Cost, FocalClassCost, IoUCost
 from anchorless.detectors.assigners.gaussian import draw_gaussians, gaussian_radius
 from anchorless.detectors.assigners.min_cost import MinCostAssigner
 from anchorless.detectors.assigners.point import PointAssigner
+from anchorless.detectors.assigners.pyramid import PyramidAssigner
 
 __all__ = [
+    "ATSSAssigner",
     "AssignResult",
     "BoxL1Cost",
     "CenterHeatmapTarget",
     "FocalClassCost",
-    "GIoUCost",
+    "IoUCost",
     "MinCostAssigner",
     "PointAssigner",
+    "PyramidAssigner",
     "draw_gaussians",
     "gaussian_radius",
 ]

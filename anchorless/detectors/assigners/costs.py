@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import generalized_box_iou
+
+from anchorless.detectors.losses.iou import IOU_KINDS, IoUKind, pairwise_iou_similarity
 
 
 class FocalClassCost(nn.Module):
@@ -50,12 +51,22 @@ class BoxL1Cost(nn.Module):
         return cost.mul_(self.weight)
 
 
-class GIoUCost(nn.Module):
-    """Negative generalised IoU (torchvision's pairwise generalized_box_iou)."""
+class IoUCost(nn.Module):
+    """An IoU-family box cost: ``-weight * similarity`` of every pair, where the similarity
+    is 1 - the box loss of the same kind (:func:`pairwise_iou_similarity`): -GIoU by default,
+    as OneNet and DETR. The cost is thus the loss up to a constant, which changes no
+    assignment (per-ground-truth minimum, Hungarian or top-k).
 
-    def __init__(self, *, weight: float = 2.0) -> None:
+    Args:
+        weight: cost weight.
+        kind: "iou", "linear_iou", "giou", "diou" or "ciou" (the box loss's kind).
+    """
+
+    def __init__(self, *, weight: float = 2.0, kind: IoUKind = "giou") -> None:
         super().__init__()
-        self.weight = weight
+        if kind not in IOU_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(IOU_KINDS)}, got {kind!r}")
+        self.weight, self.kind = weight, kind
 
     def forward(self, pred_boxes: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
-        return -self.weight * generalized_box_iou(gt_boxes, pred_boxes)  # (M, R)
+        return -self.weight * pairwise_iou_similarity(gt_boxes, pred_boxes, self.kind)  # (M, R)

@@ -14,30 +14,35 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from anchorless.detectors.assigners.base import AssignResult
-from anchorless.detectors.assigners.costs import BoxL1Cost, FocalClassCost, GIoUCost
+from anchorless.detectors.assigners.costs import BoxL1Cost, FocalClassCost, IoUCost
+from anchorless.detectors.losses.iou import IoUKind
 
 
 class MinCostAssigner(nn.Module):
     """OneNet's minimum-cost assignment: one positive location per ground truth.
 
-    cost = cost_cls * C_cls + cost_l1 * C_L1 + cost_giou * C_giou for every (ground truth,
-    location) pair. ``mode="min"`` (OneNet) gives each ground truth the location of
-    minimum cost, independently, so two ground truths may take the same location;
+    cost = cost_cls * C_cls + cost_l1 * C_L1 + cost_giou * C_iou for every (ground truth,
+    location) pair, C_iou being -GIoU (or minus 1 - the box loss of another kind).
+    ``mode="min"`` (OneNet) gives each ground truth the location of minimum cost,
+    independently, so two ground truths may take the same location;
     ``mode="hungarian"`` solves the one-to-one problem with scipy's linear_sum_assignment
     (DETR-style), which is what "min" approximates at a fraction of the cost.
     :meth:`one_to_many` gives an auxiliary head several positives per object on the same
     cost (dual assignment, as in DeFCN and YOLOv10).
 
     Args:
+        iou_kind: kind of the IoU-family cost; not a config key: the detector passes its box
+            loss's kind (``detector.loss.box_loss``), so matching and loss agree.
         cost_cls: weight of the focal-style classification cost.
         cost_l1: weight of the L1 cost between size-normalised xyxy boxes.
-        cost_giou: weight of the -GIoU cost.
+        cost_giou: weight of the IoU-family cost (named for its default kind, -GIoU).
         mode: "min" or "hungarian".
         focal_alpha, focal_gamma: focal parameters of the classification cost.
     """
 
     def __init__(
         self,
+        iou_kind: IoUKind = "giou",
         *,
         cost_cls: float = 2.0,
         cost_l1: float = 5.0,
@@ -54,7 +59,7 @@ class MinCostAssigner(nn.Module):
         self.mode = mode
         self.cls_cost = FocalClassCost(weight=cost_cls, alpha=focal_alpha, gamma=focal_gamma)
         self.l1_cost = BoxL1Cost(weight=cost_l1)
-        self.giou_cost = GIoUCost(weight=cost_giou)
+        self.iou_cost = IoUCost(weight=cost_giou, kind=iou_kind)
 
     # The config names, readable as attributes too: assigner.cost_giou etc.
     @property
@@ -67,7 +72,7 @@ class MinCostAssigner(nn.Module):
 
     @property
     def cost_giou(self) -> float:
-        return self.giou_cost.weight
+        return self.iou_cost.weight
 
     @torch.no_grad()
     def cost_matrix(
@@ -82,7 +87,7 @@ class MinCostAssigner(nn.Module):
         return (
             self.cls_cost(cls_logits, gt_labels)
             + self.l1_cost(pred_boxes, gt_boxes, image_size)
-            + self.giou_cost(pred_boxes, gt_boxes)
+            + self.iou_cost(pred_boxes, gt_boxes)
         )  # (M, R)
 
     @torch.no_grad()

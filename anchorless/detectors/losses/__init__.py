@@ -5,17 +5,39 @@ returns ``weight * sum(loss) / normalizer`` (:func:`weighted_sum`)."""
 from anchorless.detectors.losses.base import Normalizer, weighted_sum
 from anchorless.detectors.losses.centerness import CenternessLoss, centerness_target
 from anchorless.detectors.losses.focal import FocalLoss, GaussianFocalLoss, penalty_reduced_focal_loss
-from anchorless.detectors.losses.iou import IoULoss
+from anchorless.detectors.losses.gfocal import (
+    DistributionFocalLoss,
+    QualityFocalLoss,
+    distribution_focal_loss,
+    quality_focal_loss,
+)
+from anchorless.detectors.losses.iou import (
+    IOU_KINDS,
+    IoUKind,
+    IoULoss,
+    elementwise_iou,
+    iou_loss,
+    pairwise_iou_similarity,
+)
 from anchorless.detectors.losses.l1 import L1Loss
 
 __all__ = [
+    "IOU_KINDS",
     "CenternessLoss",
+    "DistributionFocalLoss",
     "FocalLoss",
     "GaussianFocalLoss",
+    "IoUKind",
     "IoULoss",
     "L1Loss",
     "Normalizer",
+    "QualityFocalLoss",
     "centerness_target",
+    "distribution_focal_loss",
+    "elementwise_iou",
+    "iou_loss",
+    "pairwise_iou_similarity",
     "penalty_reduced_focal_loss",
+    "quality_focal_loss",
     "weighted_sum",
 ]

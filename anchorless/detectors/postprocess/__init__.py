@@ -1,10 +1,24 @@
 """Post-processing: box decoding, NMS-free top-k, heatmap peaks, per-level candidates and
-class-wise NMS. Every detector ends in :class:`Postprocess` or a subclass of it."""
+the class-wise NMS family. Every detector ends in :class:`Postprocess` or a subclass of it."""
 
 from anchorless.detectors.postprocess.base import Postprocess
 from anchorless.detectors.postprocess.box_coding import decode_ltrb
 from anchorless.detectors.postprocess.heatmap import heatmap_peaks, topk_heatmap
 from anchorless.detectors.postprocess.levelwise import LevelwisePostprocess
+from anchorless.detectors.postprocess.nms import NMS_KINDS, NMSKind, NMSResult, nms, register_nms, soft_nms
 from anchorless.detectors.postprocess.topk import topk_dense
 
-__all__ = ["LevelwisePostprocess", "Postprocess", "decode_ltrb", "heatmap_peaks", "topk_dense", "topk_heatmap"]
+__all__ = [
+    "NMS_KINDS",
+    "LevelwisePostprocess",
+    "NMSKind",
+    "NMSResult",
+    "Postprocess",
+    "decode_ltrb",
+    "heatmap_peaks",
+    "nms",
+    "register_nms",
+    "soft_nms",
+    "topk_dense",
+    "topk_heatmap",
+]

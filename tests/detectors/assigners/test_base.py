@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from anchorless.detectors.assigners import AssignResult, CenterHeatmapTarget, MinCostAssigner, PointAssigner
+from anchorless.detectors.assigners import (
+    AssignResult,
+    ATSSAssigner,
+    CenterHeatmapTarget,
+    MinCostAssigner,
+    PointAssigner,
+    PyramidAssigner,
+)
 
 
 def test_pairs_from_one_ground_truth_per_prediction_are_in_location_order_and_round_trip():
@@ -40,6 +47,8 @@ def _assign_with_every_assigner():
         "min_cost.one_to_many": min_cost.one_to_many(logits, pred_boxes, boxes, labels, (64, 64), points, 4),
         "min_cost.solve": min_cost.solve(min_cost.cost_matrix(logits, pred_boxes, boxes, labels, (64, 64))),
         "point": PointAssigner(size_ranges=(-1, 1e8))(points, strides, levels, boxes),
+        "atss": ATSSAssigner()(points, strides, levels, boxes),
+        "pyramid.atss": PyramidAssigner(kind="atss")(points, strides, levels, boxes),
         "center_heatmap": CenterHeatmapTarget()(boxes, labels, 2, (8, 8), 8),
     }
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from anchorless.detectors.assigners import BoxL1Cost, FocalClassCost, GIoUCost
+from anchorless.detectors.assigners import BoxL1Cost, FocalClassCost, IoUCost
 
 
 def test_focal_class_cost_matches_hand_value_at_half_probability():
@@ -20,4 +20,4 @@ def test_l1_and_giou_costs_are_normalised_by_image_size_for_a_box_at_the_border(
     # |0-0| + |0-0| + |0.5-1| + |0.5-1| = 1.0 on a 128 x 128 image
     assert BoxL1Cost(weight=5.0)(pred, gt, (128, 128)).item() == pytest.approx(5.0)
     # IoU = 1/4 and the enclosing box is the gt itself, so GIoU = 1/4
-    assert GIoUCost(weight=2.0)(pred, gt).item() == pytest.approx(-0.5)
+    assert IoUCost(weight=2.0)(pred, gt).item() == pytest.approx(-0.5)

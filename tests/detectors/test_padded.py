@@ -1,0 +1,43 @@
+"""predict_padded: the batch-wide, fixed-shape decoding a deployment graph runs, equal to predict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anchorless.detectors import DETECTORS, build_detector
+
+PYRAMID = {"backbone": {"depth": 18}, "neck": {"out_channels": 32}, "head": {"num_convs": 1}}
+SMALL = {"onenet": {"neck": {"channels": [32, 32, 32]}}, "centernet": {"neck": {"channels": [32, 32, 32]}}}
+
+
+def _detector(name: str, nms: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = {"name": name, "num_classes": 3, **SMALL.get(name, PYRAMID), "postprocess": {"nms": nms, "score_threshold": 0.0}}
+    model = build_detector(cfg).eval()
+    with torch.no_grad():  # off the initial values, so scores spread and NMS has work to do
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("nms", ["none", "hard"])
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_padded_detections_are_predicts_in_order_then_score_zero(name, nms):
+    model = _detector(name, nms)
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    eager, padded = model.predict(images), model.predict_padded(images)
+    k = model.postprocess.topk
+    assert padded["boxes"].shape == (3, k, 4) and padded["scores"].shape == padded["labels"].shape == (3, k)
+    for image, want in enumerate(eager):
+        n = int((want["scores"] > 0).sum())  # a heatmap's empty cells score 0: padding either way
+        torch.testing.assert_close(padded["scores"][image, :n], want["scores"][:n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(padded["labels"][image, :n], want["labels"][:n])
+        torch.testing.assert_close(padded["boxes"][image, :n], want["boxes"][:n], rtol=0, atol=1e-4)
+        assert (padded["scores"][image, len(want["scores"]):] == 0).all()
+
+
+def test_nms_kinds_without_a_graph_form_are_refused_by_name():
+    model = _detector("fcos", "soft_gaussian")
+    with pytest.raises(NotImplementedError, match="postprocess.nms='soft_gaussian' has no batch-wide graph form"):
+        model.predict_padded(torch.rand(2, 3, 64, 64))

@@ -1,0 +1,102 @@
+"""`anchorless export --format onnx`: one graph from image tensor to detections, equal to torch."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from anchorless.detectors import build_detector
+from anchorless.detectors.layers import fold_batchnorm
+from anchorless.platform.data.transforms import letterbox_images
+from anchorless.platform.models.export import ModelError
+from anchorless.platform.models.onnx import (
+    DetectionGraph,
+    check_parity,
+    export_onnx,
+    onnxruntime_session,
+    read_onnx_metadata,
+    run_onnx,
+    unmatched_detections,
+)
+from tests.platform.models.conftest import MANIFEST
+
+SIZE = 64
+TINY = {
+    "onenet": {"neck": {"channels": [32, 32, 32]}},
+    "centernet": {"neck": {"channels": [32, 32, 32]}},
+    "fcos": {"backbone": {"depth": 18}, "neck": {"out_channels": 32}, "head": {"num_convs": 1}},
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_detector({"name": name, "num_classes": 3, **TINY[name], "postprocess": {"score_threshold": 0.0}})
+    with torch.no_grad():  # off the initial values, so the scores spread out
+        for parameter in model.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    return fold_batchnorm(model.eval())
+
+
+def _meta(model: torch.nn.Module) -> dict:
+    config = {"detector": model.config, "data": {"image_size": SIZE}}
+    return {"config": config, "categories": MANIFEST["categories"], "image_size": SIZE, "manifest_sha256": "ab" * 32}
+
+
+def _images(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in ((48, 80), (70, 40), (64, 64))]
+
+
+@pytest.mark.parametrize("name", ["onenet", "centernet", "fcos"])
+def test_the_graph_runs_in_onnxruntime_like_torch_with_any_batch_and_carries_its_meta(name, tmp_path):
+    model = _model(name)
+    path = export_onnx(model, _meta(model), tmp_path, _images(0)[:2])
+
+    meta = read_onnx_metadata(path)
+    assert meta["categories"] == MANIFEST["categories"] and meta["image_size"] == SIZE and meta["detector"] == name
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert ("NonMaxSuppression" in ops) == (name == "fcos")  # NMS only where the detector has it on
+
+    batch, _ = letterbox_images(_images(1), SIZE)  # three images: another batch size than exported with
+    got = run_onnx(onnxruntime_session(path), batch.float().numpy())
+    expected = model.predict(batch.float() / 255.0)  # the eager path every other caller uses
+    k = model.postprocess.topk
+    assert got["boxes"].shape == (3, k, 4) and got["scores"].shape == (3, k) and got["labels"].shape == (3, k)
+    for image, want in enumerate(expected):
+        scored = int((want["scores"] > 1e-3).sum())  # a heatmap's empty cells (score 0) are padding in the graph
+        assert scored > 0
+        want = {key: value.numpy() for key, value in want.items()}
+        assert unmatched_detections({key: value[image] for key, value in got.items()}, want, image_side=SIZE) == 0
+        assert (got["scores"][image, len(want["scores"]):] == 0).all()  # padding beyond torch's detections
+
+
+def test_a_graph_that_disagrees_with_torch_is_refused(tmp_path):
+    model = _model("onenet")
+    path = export_onnx(model, _meta(model), tmp_path, _images(0)[:1])
+    other = _model("onenet")
+    with torch.no_grad():
+        other.head.cls_score.bias.add_(1.0)  # the same network with other scores
+    batch, _ = letterbox_images(_images(2)[:1], SIZE)
+    with pytest.raises(ModelError, match="onnxruntime and torch disagree on check image 0"):
+        check_parity(DetectionGraph(other), path.read_bytes(), batch.float())
+
+
+@pytest.mark.slow
+def test_export_of_a_registered_version_adds_the_graph_beside_its_pyfunc(registered, trained, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from anchorless.jobs.cli import main
+
+    _, _, image_path, _ = trained
+    uri = registered.tracker.tracking_uri
+    code = main(["export", "--model", "models:/shapes/1", "--out", str(tmp_path), "--check-images", str(image_path),
+                 "--tracking-uri", uri])  # fmt: skip
+    assert code == 0 and (tmp_path / "model.onnx").is_file()
+    client = MlflowClient(uri)
+    version = client.get_model_version("shapes", "1")
+    assert version.tags["anchorless.formats"] == "onnx,pyfunc"
+    model_id = version.model_id or version.source.removeprefix("models:/")
+    assert "model.onnx" in {item.path for item in client.list_logged_model_artifacts(model_id)}
+    assert main(["models", "list", "shapes", "--tracking-uri", uri]) == 0
+    assert "onnx,pyfunc" in capsys.readouterr().out

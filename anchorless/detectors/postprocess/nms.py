@@ -57,6 +57,7 @@ NMSFunction = Callable[..., NMSResult]
 # What a one-class kernel returns: indices into its sorted boxes, their new scores, their boxes.
 KernelOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 _KINDS: dict[str, NMSFunction] = {}
+_SETTINGS: dict[str, frozenset[str]] = {}  # the keyword arguments each kind takes
 NMS_FUNCTIONS: Mapping[str, NMSFunction] = types.MappingProxyType(_KINDS)
 
 
@@ -67,6 +68,7 @@ def register_nms(name: str) -> Callable[[NMSFunction], NMSFunction]:
         if name in _KINDS:
             raise ValueError(f"NMS kind {name!r} is already registered")
         _KINDS[name] = function
+        _SETTINGS[name] = frozenset(inspect.signature(function).parameters)
         return function
 
     return decorator
@@ -113,9 +115,10 @@ def _kept(keep: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor) -> Kern
     return torch.nonzero(keep).squeeze(1), scores[keep], boxes[keep]
 
 
-def _distance_penalty(boxes: torch.Tensor, beta: float) -> torch.Tensor:
-    """(N, N) DIoU's penalty (rho^2 / c^2)^beta: box_iou - distance_box_iou is rho^2 / c^2."""
-    return (box_iou(boxes, boxes) - distance_box_iou(boxes, boxes)).clamp(min=0).pow(beta)
+def _distance_penalty(boxes: torch.Tensor, iou: torch.Tensor, beta: float) -> torch.Tensor:
+    """(N, N) DIoU's penalty (rho^2 / c^2)^beta, from the boxes' (N, N) IoU: IoU - DIoU
+    (torchvision's distance_box_iou) is rho^2 / c^2."""
+    return (iou - distance_box_iou(boxes, boxes)).clamp(min=0).pow(beta)
 
 
 def _cluster(
@@ -273,10 +276,11 @@ def _score_penalty(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster-NMS's score penalty (with the distance term when ``beta`` is given):
     (new scores (N_c,), the converged matrix (N_c, N_c))."""
-    converged = _cluster(_better_over_worse(box_iou(boxes, boxes)), iou_threshold)[1]
+    iou = box_iou(boxes, boxes)  # (N_c, N_c)
+    converged = _cluster(_better_over_worse(iou), iou_threshold)[1]
     penalty = torch.exp(-converged.square() / sigma)  # (N_c, N_c)
     if beta is not None:
-        penalty = (penalty + _distance_penalty(boxes, beta) * (converged > 0)).clamp(max=1)
+        penalty = (penalty + _distance_penalty(boxes, iou, beta) * (converged > 0)).clamp(max=1)
     return scores * penalty.prod(dim=0), converged
 
 
@@ -335,7 +339,8 @@ def cluster_nms_weighted(
 def diou_nms(boxes: torch.Tensor, scores: torch.Tensor, *, iou_threshold: float = 0.5, beta: float = 0.6) -> KernelOutput:
     """DIoU-NMS: greedy NMS on IoU - (rho^2 / c^2)^beta, so a box whose centre is far from a
     better one's survives a large overlap (occlusion); greedy's result via Cluster-NMS."""
-    overlaps = _better_over_worse(box_iou(boxes, boxes) - _distance_penalty(boxes, beta))
+    iou = box_iou(boxes, boxes)  # (N_c, N_c)
+    overlaps = _better_over_worse(iou - _distance_penalty(boxes, iou, beta))
     keep, _ = _cluster(overlaps, iou_threshold)
     return _kept(keep, scores, boxes)
 
@@ -355,7 +360,5 @@ def nms(
     """
     if kind not in _KINDS:
         raise ValueError(f"unknown NMS kind {kind!r}; expected one of {', '.join(_KINDS)}")
-    function = _KINDS[kind]
-    accepted = inspect.signature(function).parameters
-    given = {name: value for name, value in settings.items() if value is not None and name in accepted}
-    return function(boxes, scores, labels, **given)
+    given = {name: value for name, value in settings.items() if value is not None and name in _SETTINGS[kind]}
+    return _KINDS[kind](boxes, scores, labels, **given)

@@ -101,11 +101,12 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
+    serialized = proto.SerializeToString()
     batch, _ = letterbox_images(list(check_images), size)
-    check_parity(graph, proto.SerializeToString(), batch.float())
+    check_parity(graph, serialized, batch.float())
     path = Path(out_dir) / ONNX_FILE
     with atomic_path(path, mode=0o644) as tmp:
-        tmp.write_bytes(proto.SerializeToString())
+        tmp.write_bytes(serialized)
     log.info("ONNX graph (opset %d) written to %s", OPSET, path)
     return path
 

@@ -124,7 +124,8 @@ def start_server(
     if log_path is None:
         import tempfile
 
-        log_path = Path(tempfile.mkstemp(prefix="anchorless-serve-", suffix=".log")[1])
+        handle, log_path = tempfile.mkstemp(prefix="anchorless-serve-", suffix=".log")
+        os.close(handle)  # reopened below; the descriptor mkstemp returns would leak
     log_path = Path(log_path)
     with open(log_path, "wb") as output:
         process = subprocess.Popen(

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import threading
 from pathlib import Path
@@ -40,7 +39,7 @@ from anchorless.platform.tuning.campaign import (
     to_tune_space,
 )
 from anchorless.errors import AnchorlessError
-from anchorless.files import write_atomic
+from anchorless.files import atomic_path, write_atomic, write_json_atomic
 from anchorless.platform.ray_session import connect_ray
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ def _scheduler(campaign: Campaign) -> Any:
 def write_pointer(directory: str | Path, *, checkpoint: str, run_name: str, trial_id: str, epoch: int, step: int) -> Path:
     """Write the Tune checkpoint of one epoch: where that epoch's Ray Train checkpoint is, and whose it is."""
     record = {"checkpoint": checkpoint, "run_name": run_name, "trial_id": trial_id, "epoch": epoch, "step": step}
-    return write_atomic(Path(directory) / POINTER_FILE, json.dumps(record, indent=2))
+    return write_json_atomic(Path(directory) / POINTER_FILE, record)
 
 
 def read_pointer(directory: str | Path) -> dict[str, Any]:
@@ -386,7 +385,7 @@ def tune_campaign(
         )
         parent.log_artifact(str(campaign.path))
     record = {"parent_run_id": parent.run_id, "tracking_uri": parent.tracking_uri, "name": spec.name}
-    write_atomic(record_path, json.dumps(record, indent=2))
+    write_json_atomic(record_path, record)
 
     # A local Ray must fit every concurrent trial's workers plus the trial drivers' slivers,
     # and still leave whole CPUs for Ray Data's decode tasks (connect_ray adds one).
@@ -463,7 +462,7 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
     best = (max if spec.mode == "max" else min)(scored, key=lambda row: row[spec.metric])
     best_config = campaign.trial({k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")})
 
-    write_atomic(root / "trials.json", json.dumps(rows, indent=2, default=str))
+    write_json_atomic(root / "trials.json", rows, default=str)
     parent.log_artifact(str(root / "trials.json"))
     best_path = root / "best_config.yaml"
     write_atomic(best_path, best_config.to_yaml())
@@ -489,7 +488,7 @@ def _summarise(campaign: Campaign, root: Path, parent: Any, results: Any) -> dic
         "best_params": {k.removeprefix("param."): v for k, v in best.items() if k.startswith("param.")},
         "model_uri": model_uri,
     }
-    write_atomic(root / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_json_atomic(root / "summary.json", summary, default=str)
     return summary
 
 
@@ -534,8 +533,7 @@ def _plot_metric_vs_params(rows: list[dict[str, Any]], metric: str, params: list
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} against each searched parameter")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out, mode=0o644) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")  # the temporary name has no .png to go by
     plt.close(fig)
-    os.replace(tmp, out)
     return out

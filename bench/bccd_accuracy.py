@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ShardBatches, score_on_split  # noqa: E402
+from common import ShardBatches, score_on_split, shard_splits  # noqa: E402
 
 PEER = "torchvision_fcos_r18"
 DETECTORS = {
@@ -229,14 +229,8 @@ def main() -> None:
     bccd = Path(args.bccd)
     if not (bccd / "annotations").is_dir():
         sys.exit(f"BCCD not found at {bccd} (pass --bccd or set ANCHORLESS_BCCD)")
-    from anchorless.platform.data.shards import write_shards
-
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="anchorless-bench-bccd-"))
-    shards = {}
-    for split in ("train", "val", "test"):
-        shards[split] = workdir / "shards" / split
-        if not (shards[split] / "manifest.json").exists():
-            write_shards(bccd / "annotations" / f"instances_{split}.json", bccd / "images", shards[split], progress=False)
+    shards = shard_splits(bccd, workdir)
 
     names = args.only or [PEER, *OURS]
     runs: dict[str, list[dict]] = {name: [] for name in names}

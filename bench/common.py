@@ -48,6 +48,18 @@ class ShardBatches(torch.utils.data.Dataset):
         )
 
 
+def shard_splits(bccd: Path, workdir: Path) -> dict[str, Path]:
+    """Parquet shards of a data set's train, val and test splits (written once per workdir)."""
+    from anchorless.platform.data.shards import write_shards
+
+    shards = {}
+    for split in ("train", "val", "test"):
+        shards[split] = workdir / "shards" / split
+        if not (shards[split] / "manifest.json").exists():
+            write_shards(bccd / "annotations" / f"instances_{split}.json", bccd / "images", shards[split], progress=False)
+    return shards
+
+
 def iter_eval_batches(shard_dir: Path, cfg: Any) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """(images in [0, 1], meta) for every image of a split, letterboxed, no augmentation."""
     from anchorless.platform.data.pipeline import to_model_inputs

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bccd_accuracy import experiment_config  # noqa: E402
-from common import iter_eval_batches, score_on_split  # noqa: E402
+from common import iter_eval_batches, score_on_split, shard_splits  # noqa: E402
 
 from anchorless.detectors.postprocess import NMS_KINDS, LevelwisePostprocess, Postprocess  # noqa: E402
 
@@ -72,18 +72,6 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     args.overrides = []  # experiment_config reads the accuracy bench's --set overrides
     return args
-
-
-def shard_splits(bccd: Path, workdir: Path) -> dict[str, Path]:
-    """Parquet shards of BCCD's train, val and test splits (written once per workdir)."""
-    from anchorless.platform.data.shards import write_shards
-
-    shards = {}
-    for split in ("train", "val", "test"):
-        shards[split] = workdir / "shards" / split
-        if not (shards[split] / "manifest.json").exists():
-            write_shards(bccd / "annotations" / f"instances_{split}.json", bccd / "images", shards[split], progress=False)
-    return shards
 
 
 def trained_model(name: str, cfg, exports: dict[str, str]) -> torch.nn.Module:

@@ -10,7 +10,6 @@ import math
 from typing import Literal
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from anchorless.detectors.assigners.base import AssignResult
@@ -101,6 +100,9 @@ class MinCostAssigner(nn.Module):
             if cost.device.type == "cpu":  # numpy's argmin is SIMD-vectorised, ~10x torch's on CPU
                 return AssignResult(torch.from_numpy(cost.numpy().argmin(axis=1)), gt_idx, num_preds)  # K = M
             return AssignResult(cost.argmin(dim=1), gt_idx, num_preds)  # K = M
+        # Imported here: only the Hungarian mode needs scipy, and a bare GPU box may lack it.
+        from scipy.optimize import linear_sum_assignment
+
         gt_idx, pred_idx = linear_sum_assignment(cost.cpu().numpy())  # K = min(M, R) pairs, by gt
         return AssignResult(
             torch.as_tensor(pred_idx, dtype=torch.long, device=cost.device),

@@ -4,12 +4,22 @@
 own environment (the venv's ``ray`` and ``mlflow`` executables):
 
 * ``ray start --head --block`` with ``RAY_AUTH_MODE=token`` and the token in a
-  file under the state directory (``RAY_AUTH_TOKEN_PATH``), the dashboard and
-  job server on 127.0.0.1, every port chosen free (other Ray clusters may run
-  on this machine), and its own ``--temp-dir`` so that a plain ``ray.init()``
-  elsewhere on the machine never discovers and joins it;
-* ``mlflow server`` on 127.0.0.1 with a SQLite store and an artifact directory
-  under the state directory;
+  file under the state directory (``RAY_AUTH_TOKEN_PATH``), every port chosen free
+  (other Ray clusters may run on this machine), and its own ``--temp-dir`` so that a
+  plain ``ray.init()`` elsewhere on the machine never discovers and joins it. It runs
+  in Ray's single-machine mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's default on
+  macOS and Windows) with node address 127.0.0.1: the GCS, the raylet, the dashboard and
+  job server, the agents and every worker listen on loopback only, and no other node
+  can join;
+* ``mlflow server --app-name basic-auth`` on 127.0.0.1 with a SQLite store and an
+  artifact directory under the state directory. Anonymous requests are refused. Two
+  accounts, their credentials generated into private files (0600) like the token: the
+  user account (``mlflow_user.json``: read and edit on every experiment and model; the Ray
+  head's environment carries it, so every job and trial logs with it, and the command
+  line reads it for this server) and the admin account (``mlflow_admin.json``), the only
+  one that may move a model's aliases (see ``anchorless.cluster.registry_auth``), used by
+  ``models promote`` and ``models rollback``. Beside them the key the registry signs
+  cached scores and the champion history with (``registry_signing_key``);
 * with ``object_store=True`` (``cluster up --local --object-store``), an S3-compatible
   server (moto's ``moto_server``, from ``pip install 'anchorless[objectstore]'``) on
   127.0.0.1 with a bucket ``anchorless``: MLflow keeps its artifacts in
@@ -20,7 +30,7 @@ own environment (the venv's ``ray`` and ``mlflow`` executables):
   variables, which boto3, MLflow and pyarrow's S3 filesystem all read; a shell gets them
   from the ``export`` lines ``cluster up`` prints.
 
-Their addresses, pids and the token file land in ``cluster.json`` (written
+Their addresses, pids, the token file and the credential files land in ``cluster.json`` (written
 atomically) which ``cluster_status``, ``cluster_down`` and the job submission
 client read. ``ray stop`` is not used to stop the head: it stops every Ray
 process of the machine, other people's included. Instead every process of the
@@ -30,6 +40,7 @@ process groups it started and then anything still carrying that id.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -59,6 +70,14 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "ray_auth_token"
+MLFLOW_USER_FILE = "mlflow_user.json"
+MLFLOW_ADMIN_FILE = "mlflow_admin.json"
+MLFLOW_AUTH_CONFIG_FILE = "mlflow_auth.ini"
+SIGNING_KEY_FILE = "registry_signing_key"
+MLFLOW_USER = "anchorless"
+MLFLOW_ADMIN = "anchorless-admin"
+# Checked in the tracking server: basic auth, alias moves reserved to admins.
+MLFLOW_AUTHORIZATION_FUNCTION = "anchorless.cluster.registry_auth:authenticate_reserving_aliases"
 CLUSTER_ID_ENV = "ANCHORLESS_CLUSTER_ID"
 STATE_DIR_ENV = "ANCHORLESS_CLUSTER_DIR"
 STATE_VERSION = 1
@@ -77,6 +96,11 @@ _RAY_PORT_FLAGS = (
     "object-manager-port",
 )
 
+
+# Ray's switch for single-machine clusters (the platform's local Ray sets the same one, see
+# anchorless.platform.ray_session): off, node address 127.0.0.1 and every server bound to it.
+_SINGLE_MACHINE_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK = "127.0.0.1"
 
 SERVICES = ("ray", "mlflow", "s3")  # the processes a cluster may start, in the order they are reported
 OBJECT_STORE_BUCKET = "anchorless"
@@ -197,6 +221,89 @@ def _ensure_token(state_dir: Path) -> Path:
     # Same format as Ray's own generator, which only writes to ~/.ray/auth_token.
     token = os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)
     return write_atomic(path, token, mode=0o600)
+
+
+def _ensure_signing_key(state_dir: Path) -> Path:
+    """The registry's signing key (mode 0600), created once and reused: scores signed before a
+    restart stay trusted after it."""
+    path = state_dir / SIGNING_KEY_FILE
+    if path.exists() and path.read_text().strip():
+        return path
+    return write_atomic(path, secrets.token_hex(32), mode=0o600)
+
+
+def _ensure_credentials(path: Path, username: str) -> tuple[Path, bool]:
+    """An account's credential file (mode 0600), created once; (path, created now)."""
+    if path.exists():
+        read_credentials(path)  # a damaged file is an error here, not a refused login later
+        return path, False
+    document = {"username": username, "password": secrets.token_urlsafe(32)}
+    return write_atomic(path, json.dumps(document, indent=2) + "\n", mode=0o600), True
+
+
+def read_credentials(path: str | Path) -> tuple[str, str]:
+    """(username, password) from a credential file written by ``cluster up``."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+        username, password = document["username"], document["password"]
+    except FileNotFoundError:
+        raise ClusterError(f"{path}: no such credential file; run `anchorless cluster up --local`") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ClusterError(
+            f"{path}: not a credential file ({type(exc).__name__}); remove it and run `cluster up` again"
+        ) from None
+    if not (isinstance(username, str) and isinstance(password, str) and username and password):
+        raise ClusterError(f"{path}: username and password must be non-empty strings")
+    return username, password
+
+
+def _write_mlflow_auth_config(state_dir: Path, mlflow_dir: Path, admin_file: Path) -> Path:
+    """The basic-auth app's config (0600: it holds the admin password MLflow creates the admin with)."""
+    admin, password = read_credentials(admin_file)
+    text = (
+        "[mlflow]\n"
+        # Every account but the admin: read and edit experiments, runs and models. Moving an
+        # alias is refused to them all the same (MLFLOW_AUTHORIZATION_FUNCTION).
+        "default_permission = EDIT\n"
+        f"database_uri = sqlite:///{mlflow_dir / 'basic_auth.db'}\n"
+        f"admin_username = {admin}\n"
+        f"admin_password = {password}\n"
+        f"authorization_function = {MLFLOW_AUTHORIZATION_FUNCTION}\n"
+        # A checked password is remembered for a while: otherwise every metric a run logs pays
+        # for a deliberately slow password hash. One server worker, passwords never change.
+        "auth_cache_ttl_seconds = 300\n"
+    )
+    return write_atomic(state_dir / MLFLOW_AUTH_CONFIG_FILE, text, mode=0o600)
+
+
+def _mlflow_request(uri: str, method: str, path: str, body: dict[str, Any], credentials: tuple[str, str]) -> tuple[int, str]:
+    """(status, body) of one JSON request to the tracking server with basic auth."""
+    request = urllib.request.Request(
+        f"{uri}{path}", data=json.dumps(body).encode(), method=method, headers={"Content-Type": "application/json"}
+    )
+    token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read(2000).decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(2000).decode(errors="replace")
+
+
+def _ensure_mlflow_user(uri: str, admin_file: Path, user_file: Path) -> None:
+    """The user account on the tracking server, with the password of its credential file."""
+    admin = read_credentials(admin_file)
+    username, password = read_credentials(user_file)
+    body = {"username": username, "password": password}
+    status, text = _mlflow_request(uri, "POST", "/api/2.0/mlflow/users/create", body, admin)
+    if status == 200:
+        return
+    if "RESOURCE_ALREADY_EXISTS" in text:  # kept from an earlier start: same password as the file
+        status, text = _mlflow_request(uri, "PATCH", "/api/2.0/mlflow/users/update-password", body, admin)
+        if status == 200:
+            return
+    raise ClusterError(f"the tracking server at {uri} did not create the user account {username!r}: HTTP {status} {text[:200]}")
 
 
 def _ray_temp_dir(state_dir: Path) -> Path:
@@ -440,6 +547,10 @@ def cluster_up(
         previous = read_state(state_dir)
         if previous is not None:
             status = cluster_status(state_dir)
+            if status["running"] and not _is_protected(previous):
+                logger.warning("the cluster in %s runs without registry authentication; restarting it", state_dir)
+                status["running"] = False
+                status["services"]["mlflow"] = {"up": False, "detail": "no authentication"}
             if status["running"]:
                 if object_store and not previous.get("object_store"):
                     raise ClusterError(
@@ -458,6 +569,11 @@ def cluster_up(
             s3_port if object_store else False, timeout,
         )  # fmt: skip
         return {**state, "already_running": False}
+
+
+def _is_protected(state: dict[str, Any]) -> bool:
+    """Whether a cluster was started with the protections this version gives one."""
+    return state.get("mlflow", {}).get("auth") == "basic-auth" and state.get("node_ip_address") == LOOPBACK
 
 
 def _start(
@@ -481,10 +597,19 @@ def _start(
 
     cluster_id = uuid.uuid4().hex
     token_file = _ensure_token(state_dir)
+    signing_key_file = _ensure_signing_key(state_dir)
     temp_dir = _ray_temp_dir(state_dir)
     shutil.rmtree(temp_dir, ignore_errors=True)
     mlflow_dir = state_dir / "mlflow"
     (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+    admin_file, new_admin = _ensure_credentials(state_dir / MLFLOW_ADMIN_FILE, MLFLOW_ADMIN)
+    user_file, _ = _ensure_credentials(state_dir / MLFLOW_USER_FILE, MLFLOW_USER)
+    if new_admin:
+        # MLflow creates its admin once, with the password of the first start: a new admin
+        # password needs a new account store (it holds only these two accounts).
+        (mlflow_dir / "basic_auth.db").unlink(missing_ok=True)
+    auth_config = _write_mlflow_auth_config(state_dir, mlflow_dir, admin_file)
+    mlflow_user, mlflow_password = read_credentials(user_file)
     logs = {"ray": str(state_dir / "ray.log"), "mlflow": str(state_dir / "mlflow.log")}
     dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
     mlflow_uri = f"http://127.0.0.1:{ports['mlflow']}"
@@ -495,25 +620,29 @@ def _start(
     s3_env = {"AWS_ENDPOINT_URL": store["endpoint"], **_LOCAL_S3_CREDENTIALS} if store else {}
 
     env = dict(os.environ)
-    for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+    for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_TOKEN"):
         env.pop(name, None)  # the token file is the one source of the token
     env.update(
         {
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token_file),
+            **_SINGLE_MACHINE_RAY,
             CLUSTER_ID_ENV: cluster_id,
             # `python` in job entrypoints resolves to this venv's interpreter.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-            # Jobs and Ray Train workers log to this cluster's tracking server by default.
+            # Jobs and Ray Train workers log to this cluster's tracking server by default,
+            # as its user account (MLflow reads these; there is no file variable for them).
             "MLFLOW_TRACKING_URI": mlflow_uri,
+            "MLFLOW_TRACKING_USERNAME": mlflow_user,
+            "MLFLOW_TRACKING_PASSWORD": mlflow_password,
             # ... and reach its object store as they would reach any S3.
             **s3_env,
         }
     )
 
     ray_cmd = [
-        _executable("ray"), "start", "--head", "--block",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        _executable("ray"), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}",
+        "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
         # 0/0: workers bind random free ports instead of the fixed 10002-19999 range.
         "--min-worker-port=0", "--max-worker-port=0",
@@ -529,14 +658,22 @@ def _start(
 
     artifacts = f"s3://{store['bucket']}/mlflow" if store else str(mlflow_dir / "artifacts")
     mlflow_cmd = [
-        _executable("mlflow"), "server",
+        _executable("mlflow"), "server", "--app-name", "basic-auth",
         "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
         "--artifacts-destination", artifacts,
         "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
     ]  # fmt: skip
 
     # MLflow's server-side job runner (GenAI jobs) is unused here; off, it saves a process and startup time.
-    mlflow_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow_env = {
+        **env,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+        # Signs the web UI's CSRF tokens; one per start (a restart only ends browser sessions).
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+    }
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        mlflow_env.pop(name, None)  # they would win over the config file's admin
     s3_cmd = [_object_store_executable(), "-H", "127.0.0.1", "-p", str(ports["s3"])] if store else None
     procs = {"ray": _spawn(ray_cmd, env, Path(logs["ray"])), "mlflow": _spawn(mlflow_cmd, mlflow_env, Path(logs["mlflow"]))}
     if s3_cmd:
@@ -548,6 +685,8 @@ def _start(
         "state_dir": str(state_dir),
         "auth_mode": "token",
         "token_file": str(token_file),
+        "registry_signing_key_file": str(signing_key_file),
+        "node_ip_address": LOOPBACK,
         "ray_address": f"127.0.0.1:{ports['port']}",
         "dashboard_url": dashboard_url,
         "mlflow_tracking_uri": mlflow_uri,
@@ -558,6 +697,9 @@ def _start(
         "mlflow": {
             "backend_store_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
             "artifacts": artifacts,
+            "auth": "basic-auth",
+            "auth_config": str(auth_config),
+            "credentials": {"user": str(user_file), "admin": str(admin_file)},
         },
         "object_store": store,
         # What a shell exports to use this cluster: `ray.init()` joins the GCS address
@@ -577,6 +719,7 @@ def _start(
         if store:
             _create_bucket(state, procs["s3"], timeout)
         _wait_until_up(state_dir, state, procs, timeout)
+        _ensure_mlflow_user(mlflow_uri, admin_file, user_file)
     except BaseException:
         _stop_processes(state)
         state_path(state_dir).unlink(missing_ok=True)
@@ -666,10 +809,14 @@ def format_cluster(state: dict[str, Any]) -> str:
     store = state.get("object_store")
     if store:
         lines.append(f"s3      {store['endpoint']}   (bucket s3://{store['bucket']}; objects live in memory until `cluster down`)")
-    lines += [
-        f"token   {state['token_file']}",
-        "to use it from another shell:",
-    ]
+    lines.append(f"token   {state['token_file']}")
+    credentials = state.get("mlflow", {}).get("credentials")
+    if credentials:
+        lines += [
+            f"mlflow  user {credentials['user']}   (jobs and the CLI use it; scripts: MLFLOW_TRACKING_USERNAME/PASSWORD)",
+            f"mlflow  admin {credentials['admin']}   (`models promote`/`rollback` only: the one account that moves aliases)",
+        ]
+    lines.append("to use it from another shell:")
     lines += [f"  export {name}={value}" for name, value in state["env"].items()]
     return "\n".join(lines)
 

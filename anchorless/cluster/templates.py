@@ -9,7 +9,12 @@ Three templates, each YAML with ``${name}`` placeholders (``string.Template``;
 * ``kuberay-rayjob``: a KubeRay ``RayJob`` that runs ``anchorless train``.
 
 All run with Ray token authentication on and send runs to an external MLflow
-tracking server (``mlflow_tracking_uri``, required). The KubeRay containers take the
+tracking server (``mlflow_tracking_uri``, required), logging as a plain account whose
+``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` every node reads before Ray starts: from the
+Secret ``mlflow_secret`` (KubeRay), or from ``mlflow_env_file`` copied to every node (the
+launcher). Each documents the server's basic-auth set-up that reserves moving aliases to
+its admin account, as ``cluster up --local`` runs it. Unlike the local cluster, they keep
+Ray on each node's own address: the nodes must reach one another. The KubeRay containers take the
 object store's standard AWS variables from an optional Secret (``s3_secret``); the
 launcher config documents the instance profile or ``--env`` options that do the same. ``render_template`` fills
 the placeholders from ``PARAMETERS`` and the caller's values, parses the result
@@ -48,6 +53,8 @@ PARAMETERS: dict[str, Any] = {
     "mlflow_tracking_uri": None,
     "token_secret": "anchorless-ray-token",
     "s3_secret": "anchorless-s3",  # optional Secret with the AWS_* variables of the object store
+    "mlflow_secret": "anchorless-mlflow",  # Secret with MLFLOW_TRACKING_USERNAME/PASSWORD (the plain account)
+    "mlflow_env_file": "~/.anchorless/mlflow.env",  # the same two variables, for the launcher's nodes
     "token_file": "~/.ray/auth_token",
     "region": "us-west-2",
     "head_instance_type": "m5.2xlarge",
@@ -65,6 +72,8 @@ PARAMETERS: dict[str, Any] = {
 }
 
 KUBERAY_API_VERSION = "ray.io/v1"
+# Ray's single-machine switch, which the local cluster sets: a multi-node template never may.
+_SINGLE_MACHINE_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class TemplateError(AnchorlessError):
@@ -161,6 +170,7 @@ def validate_rendered(name: str, text: str, params: dict[str, Any]) -> list[dict
     except yaml.YAMLError as exc:
         raise TemplateError(f"{name}: rendered text is not valid YAML: {exc}") from None
     _expect(len(docs) == 1 and isinstance(docs[0], dict), name, "expected exactly one YAML mapping")
+    _expect(_SINGLE_MACHINE_SWITCH not in text, name, f"{_SINGLE_MACHINE_SWITCH} would keep every node on loopback")
     doc = docs[0]
     if name == "ray-cluster-aws":
         _validate_launcher(doc, params, name)
@@ -220,6 +230,10 @@ def _validate_raycluster_spec(spec: dict[str, Any], params: dict[str, Any], wher
         _expect_equal(tracking, params["mlflow_tracking_uri"], where, f"the {role} container's MLFLOW_TRACKING_URI")
         secrets = [item.get("secretRef", {}).get("name") for item in container.get("envFrom", [])]
         _expect(params["s3_secret"] in secrets, where, f"the {role} container must take its AWS_* variables from {params['s3_secret']}")
+        _expect(
+            params["mlflow_secret"] in secrets, where,
+            f"the {role} container must take its MLflow credentials from {params['mlflow_secret']}",
+        )  # fmt: skip
 
 
 def _validate_launcher(config: dict[str, Any], params: dict[str, Any], where: str) -> None:
@@ -234,8 +248,11 @@ def _validate_launcher(config: dict[str, Any], params: dict[str, Any], where: st
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         commands = " ".join(_get(config, key, where))
         _expect("RAY_AUTH_MODE=token" in commands, where, f"{key} must start Ray with RAY_AUTH_MODE=token")
+        _expect(". $HOME/.anchorless/mlflow.env" in commands, where, f"{key} must read the MLflow credentials before Ray starts")
     head_start = " ".join(config["head_start_ray_commands"])
     _expect("--dashboard-host=127.0.0.1" in head_start, where, "the dashboard must bind 127.0.0.1 on the head")
+    mounts = _get(config, "file_mounts", where)
+    _expect_equal(mounts.get("~/.anchorless/mlflow.env"), params["mlflow_env_file"], where, "the MLflow credentials' file mount")
     run_options = " ".join(_get(config, "docker.run_options", where))
     tracking = f"MLFLOW_TRACKING_URI={params['mlflow_tracking_uri']}"
     _expect(tracking in run_options, where, "docker.run_options must pass MLFLOW_TRACKING_URI")

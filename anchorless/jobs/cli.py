@@ -78,8 +78,9 @@ def _data_shard(args: argparse.Namespace) -> int:
         from anchorless.platform.data.yolo import load_yolo
 
         load = partial(load_yolo, args.labels, args.images, args.names, progress=True)
+    limits = {} if args.max_image_pixels is None else {"max_image_pixels": args.max_image_pixels}
     manifest = shard_dataset(
-        load, args.out, target_shard_mb=args.shard_mb, workers=args.workers, skip_bad_images=args.skip_bad_images
+        load, args.out, target_shard_mb=args.shard_mb, workers=args.workers, skip_bad_images=args.skip_bad_images, **limits
     )
     print(format_manifest_summary(manifest, args.out))
     return 0
@@ -103,6 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     from anchorless.platform.training.driver import train
 
     cfg = load_config(args.config, args.overrides)
+    _sign_in_to_local_registry(cfg.tracking.tracking_uri, args)
     summary = train(cfg, address=args.address, restart=args.restart)
     _print_json_line(summary)
     return 0
@@ -129,7 +131,9 @@ def _predict(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from anchorless.platform.models.onnx import export_model
 
-    summary = export_model(args.model, args.out, tracking_uri=_tracking_uri(args), check_image_paths=args.check_images)
+    summary = export_model(
+        args.model, args.out, format=args.format, tracking_uri=_tracking_uri(args), check_image_paths=args.check_images
+    )
     _print_json_line(summary)
     return 0
 
@@ -157,6 +161,33 @@ def _tracking_uri(args: argparse.Namespace) -> str:
     if state and state.get("mlflow_tracking_uri"):
         return state["mlflow_tracking_uri"]
     return resolve_tracking_uri(None, args.workspace)
+
+
+def _sign_in_to_local_registry(uri: str | None, args: argparse.Namespace, *, account: str = "user") -> dict[str, Any] | None:
+    """When ``uri`` is the local cluster's tracking server, talk to it as ``account`` (``user``,
+    or ``admin``: the account that moves aliases) with the credentials `cluster up` generated.
+
+    As with the Ray token, the user's own MLFLOW_TRACKING_USERNAME/PASSWORD win, except for the
+    admin account: promotion moves the alias, which only that account may do. Returns the
+    cluster's state when ``uri`` is its server, else None (nothing is sent anywhere else).
+    """
+    from anchorless.cluster.local import default_state_dir, read_credentials, read_state
+
+    state = read_state(getattr(args, "cluster_dir", None) or default_state_dir())
+    if not uri or state is None or uri.rstrip("/") != state.get("mlflow_tracking_uri"):
+        return None
+    files = state.get("mlflow", {}).get("credentials")
+    if files and (account == "admin" or not os.environ.get("MLFLOW_TRACKING_USERNAME")):
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = read_credentials(files[account])
+    return state
+
+
+def _registry_signing_key(uri: str, state: dict[str, Any] | None) -> bytes:
+    """$ANCHORLESS_REGISTRY_KEY, the local cluster's key file for its server, or the store's own."""
+    from anchorless.platform.registry.signing import registry_signing_key
+
+    key_file = (state or {}).get("registry_signing_key_file")
+    return registry_signing_key(uri, key_file=key_file)
 
 
 def _registry_client(args: argparse.Namespace):
@@ -188,8 +219,10 @@ def _models_promote(args: argparse.Namespace) -> int:
         if mode not in ("max", "min"):
             raise SystemExit(f"--guard {spec!r}: expected METRIC:max|min[:TOLERANCE]")
         policy.guards[metric] = Guard(mode=mode, tolerance=float(tolerance or 0.0))
+    state = _sign_in_to_local_registry(_tracking_uri(args), args, account="admin")
     client = _registry_client(args)
     uri = client._tracking_client.tracking_uri
+    key = _registry_signing_key(uri, state)
 
     def evaluate_fn(model_uri: str, shard_dir: str) -> dict[str, float]:
         os.environ["MLFLOW_TRACKING_URI"] = uri  # so models:/ URIs resolve against this store
@@ -197,7 +230,7 @@ def _models_promote(args: argparse.Namespace) -> int:
 
     decision = promote(
         client, args.name, args.version, args.data, alias=args.to, policy=policy,
-        force=args.force, reason=args.reason, evaluate_fn=evaluate_fn,
+        force=args.force, reason=args.reason, evaluate_fn=evaluate_fn, signing_key=key,
     )
     print(decision.table())
     _print_json_line(decision.summary())
@@ -205,9 +238,12 @@ def _models_promote(args: argparse.Namespace) -> int:
 
 
 def _models_rollback(args: argparse.Namespace) -> int:
-    from anchorless.platform.registry.versions import rollback
+    from anchorless.platform.registry.history import rollback
 
-    before, after = rollback(_registry_client(args), args.name, alias=args.to)
+    state = _sign_in_to_local_registry(_tracking_uri(args), args, account="admin")
+    client = _registry_client(args)
+    key = _registry_signing_key(client._tracking_client.tracking_uri, state)
+    before, after = rollback(client, args.name, alias=args.to, key=key)
     print(f"{args.name}@{args.to}: v{before} -> v{after}")
     return 0
 
@@ -216,7 +252,9 @@ def _models_serve(args: argparse.Namespace) -> int:
     from anchorless.platform.models.serving import registry_uri, serve
 
     registry_uri(args.model)  # a malformed reference is refused before MLflow starts
-    return serve(args.model, tracking_uri=_tracking_uri(args), host=args.host, port=args.port, workers=args.workers)
+    return serve(
+        args.model, tracking_uri=_tracking_uri(args), format=args.format, host=args.host, port=args.port, workers=args.workers
+    )
 
 
 # --- cluster / submit / jobs ------------------------------------------------------------------
@@ -429,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad-images", action="store_true",
         help="leave out images that are missing, unreadable or truncated, listing them in the manifest (default: fail, listing them all)",
     )  # fmt: skip
+    shard.add_argument(
+        "--max-image-pixels", type=int, default=None,
+        help="an image whose header declares more pixels is a bad image, refused before decoding "
+        "(a decompression bomb; default 100 million, i.e. 10,000 x 10,000)",
+    )  # fmt: skip
     shard.set_defaults(run=_data_shard)
 
     inspect = data.add_parser("inspect", help="counts, histograms and a grid of sample images with boxes")
@@ -462,16 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = verbs.add_parser(
         "export",
-        help="export a model as one ONNX graph (image tensor to detections), checked against torch",
+        help="export a model as one ONNX graph (image tensor to detections), or OpenVINO IR, checked against torch",
         description=(
             "The graph takes float images (N, 3, S, S) in 0-255 letterboxed to the model's size S and returns "
-            "boxes (N, K, 4), scores (N, K), labels (N, K), padded with score 0. A registered version "
-            "(models:/NAME/VERSION or models:/NAME@ALIAS) also gets the graph beside its pyfunc model."
+            "boxes (N, K, 4), scores (N, K), labels (N, K), padded with score 0. --format openvino also converts "
+            "it to OpenVINO IR (model.xml + model.bin), checked the same way. A registered version "
+            "(models:/NAME/VERSION or models:/NAME@ALIAS) also gets the files beside its pyfunc model."
         ),
     )
     export.add_argument("--model", required=True, help="an export .pt, runs:/RUN/model, models:/NAME/VERSION or models:/NAME@ALIAS")
-    export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (default)")
-    export.add_argument("--out", required=True, help="output directory (gets model.onnx)")
+    export.add_argument("--format", choices=("onnx", "openvino"), default="onnx",
+                        help="onnx (default): model.onnx; openvino: model.onnx and, converted from it, model.xml + model.bin")
+    export.add_argument("--out", required=True, help="output directory (gets model.onnx, and model.xml + model.bin for openvino)")
     export.add_argument("--check-images", nargs="+", default=(), metavar="IMAGE",
                         help="images to check onnxruntime against torch on (default: the model's validation shards)")
     export.add_argument("--tracking-uri", default=None, help="MLflow URI for models:/ and runs:/ (default $MLFLOW_TRACKING_URI or WORKSPACE/mlflow.db)")
@@ -540,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     serve.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     serve.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    serve.add_argument("--format", choices=("torch", "onnx"), default="torch",
+                       help="torch (default): the pyfunc model; onnx: the version's ONNX graph in onnxruntime, "
+                       "without torch (add it first with `anchorless export --format onnx`)")
     registry_options(serve)
     serve.set_defaults(run=_models_serve)
 
@@ -656,14 +704,21 @@ def _parse_with_overrides_anywhere(parser: argparse.ArgumentParser, argv: list[s
 def main(argv: list[str] | None = None) -> int:
     from anchorless.errors import AnchorlessError
 
+    from anchorless.platform.ray_session import keep_local_ray_on_loopback
+
     parser = build_parser()
     args = _parse_with_overrides_anywhere(parser, argv)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        keep_local_ray_on_loopback()  # any Ray this command uses is one it starts: before `import ray`
     _configure_logging(args.verbose, args.verb)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         _enter_job_directory()
         if run in (_train, _evaluate, _tune, _models_promote):
             _join_local_cluster_with_its_token(args)
+        if run not in (_models_promote, _models_rollback):  # they sign in as the admin themselves
+            uri = _tracking_uri(args) if hasattr(args, "tracking_uri") else os.environ.get("MLFLOW_TRACKING_URI")
+            _sign_in_to_local_registry(uri, args)
         return run(args)
     except AnchorlessError as exc:
         print(f"error: {exc}", file=sys.stderr)

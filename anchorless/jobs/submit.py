@@ -56,10 +56,21 @@ DEFAULT_EXCLUDES = (
     ".hypothesis/",
     "/build/",
 )
-# Client-side variables a job needs to behave as it would locally; never RAY_AUTH_*
-# (runtime-env variables are visible in the dashboard, and the cluster has its own token).
+# Client-side variables a job needs to behave as it would locally; never RAY_AUTH_* nor a
+# secret (runtime-env variables are visible in the dashboard; the cluster has its own token,
+# and its nodes their own tracking credentials: the local cluster's head environment, a
+# Secret in the templates). The registry's signing key stays where `models promote` runs.
 PASSTHROUGH_PREFIXES = ("ANCHORLESS_", "MLFLOW_")
-_HIDDEN_FROM_JOBS = ("ANCHORLESS_CLUSTER_ID", "ANCHORLESS_CLUSTER_DIR")
+_HIDDEN_FROM_JOBS = (
+    "ANCHORLESS_CLUSTER_ID",
+    "ANCHORLESS_CLUSTER_DIR",
+    "ANCHORLESS_REGISTRY_KEY",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_AUTH_ADMIN_USERNAME",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+)
 # Set for jobs on the local cluster: the directory `anchorless` changes to in the job.
 JOB_CWD_ENV = "ANCHORLESS_JOB_CWD"
 

@@ -2,14 +2,44 @@
 
 Training, campaigns and offline evaluation all come through :func:`connect_ray`, so
 they join the same clusters the same way and a local Ray is always one of our own.
+
+A local Ray stays on this machine: it runs in Ray's single-machine mode (its default on
+macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), where the node address is
+127.0.0.1 and the GCS, the raylet, the agents and every worker listen on loopback only;
+no other node can join it. Ray reads that switch when it is imported, so the command
+line sets it (:func:`keep_local_ray_on_loopback`) before anything imports ``ray``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from anchorless.platform.progress import QUIET_WORKER_ENV, quiet_driver_console, quiet_ray_notices
+
+log = logging.getLogger(__name__)
+
+# Ray's switch for single-machine clusters (False by default only on macOS and Windows):
+# off, the node address is 127.0.0.1 and Ray's servers bind there, not to every interface.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def keep_local_ray_on_loopback() -> None:
+    """Make a Ray started by this process (and its children) listen on 127.0.0.1 only.
+
+    Only for a process that starts its own Ray: a driver joining a multi-node cluster must
+    see the node's real address. Takes effect in this process when called before ``ray``
+    is imported; children (raylet, agents, workers) always read it.
+    """
+    for name, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def _local_ray_is_on_loopback() -> bool:
+    from ray._private import ray_constants  # where Ray keeps the switch it read at import
+
+    return not ray_constants.ENABLE_RAY_CLUSTER
 
 
 def connect_ray(address: str | None = None, *, cpus_needed: int = 0, verbose: bool = False) -> bool:
@@ -21,6 +51,9 @@ def connect_ray(address: str | None = None, *, cpus_needed: int = 0, verbose: bo
     Ray, Ray Data and DeepSpeed narrate every start-up, and what matters reaches the
     driver anyway (the progress display, our own warnings, a failing worker's exception).
     """
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and "ray" not in sys.modules:
+        keep_local_ray_on_loopback()  # before `import ray`, which reads it
     import ray
 
     if not verbose:
@@ -30,12 +63,16 @@ def connect_ray(address: str | None = None, *, cpus_needed: int = 0, verbose: bo
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     output = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
-    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster's job may carry its own runtime_env (working_dir, ...): leave it alone.
         ray.init(address=address, **output)
         return True
     quiet_ray_notices()
+    if not _local_ray_is_on_loopback():
+        log.warning(
+            "ray was imported before keep_local_ray_on_loopback(): this local Ray listens on the "
+            "machine's network address too (Ray's token auth still guards it)"
+        )
     quiet = {} if verbose else {
         "env_vars": dict(QUIET_WORKER_ENV),
         "worker_process_setup_hook": "anchorless.platform.progress.quiet_worker_logs",

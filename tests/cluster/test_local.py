@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import json
 import os
 import signal
@@ -140,6 +142,47 @@ def _get(url: str, token: str | None = None) -> int:
         return exc.code
 
 
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket bound to loopback
+    return (mapped or address).is_loopback
+
+
+def _listening_sockets(cluster_id: str) -> list[tuple[int, str, str, int]]:
+    """(pid, process name, address, port) of every listening TCP socket of the cluster's processes."""
+    found = []
+    for proc in local._cluster_processes(cluster_id):
+        try:
+            name = proc.name()
+            connections = proc.net_connections("inet")
+        except psutil.Error:  # a worker that exited meanwhile
+            continue
+        found += [(proc.pid, name, c.laddr.ip, c.laddr.port) for c in connections if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def _mlflow_call(uri: str, method: str, path: str, body: dict | None, credentials: tuple[str, str] | None = None) -> int:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{uri}{path}", data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if credentials:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(credentials).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.fixture
+def as_user(cluster, monkeypatch):
+    """This process talks to the cluster's MLflow as its user account, as jobs and the CLI do."""
+    username, password = local.read_credentials(cluster["mlflow"]["credentials"]["user"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    return username, password
+
+
 @pytest.mark.slow
 def test_up_starts_ray_the_job_server_and_mlflow_all_answering(cluster):
     assert cluster["already_running"] is False
@@ -161,10 +204,74 @@ def test_up_starts_ray_the_job_server_and_mlflow_all_answering(cluster):
 
 
 @pytest.mark.slow
-def test_dashboard_mlflow_and_the_object_store_listen_on_loopback_only(cluster):
+def test_every_port_of_the_cluster_listens_on_loopback_only(cluster):
+    """Ray's single-machine mode: the GCS, the raylet, the dashboard and its agents, the
+    runtime-env agent and every worker bind 127.0.0.1 (no documented exception), as do MLflow
+    and the object store."""
+    assert cluster["ray_address"] == f"127.0.0.1:{cluster['ports']['port']}"
+    sockets = _listening_sockets(cluster["cluster_id"])
+    names = {name for _, name, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets
+    ports = {port for _, _, _, port in sockets}
+    for service in ("port", "dashboard-port", "mlflow", "s3"):
+        assert cluster["ports"][service] in ports, (service, sockets)
+    exposed = [entry for entry in sockets if not _is_loopback(entry[2])]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
     assert _listen_addresses(cluster["ports"]["dashboard-port"]) == {"127.0.0.1"}
     assert _listen_addresses(cluster["ports"]["mlflow"]) == {"127.0.0.1"}
     assert _listen_addresses(cluster["ports"]["s3"]) == {"127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_mlflow_refuses_anonymous_requests_and_only_the_admin_moves_an_alias(cluster, as_user, tmp_path, monkeypatch):
+    """The fault as an attacker tries it: an anonymous client, then one with the user account
+    that jobs hold, try to point `champion` at a version directly; both are refused, and
+    promotion (the admin account, the cluster's signing key) still moves it."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from anchorless.platform.data.shards import FORMAT, FORMAT_VERSION
+    from anchorless.platform.registry.promotion import promote
+
+    state_dir = Path(cluster["state_dir"])
+    files = cluster["mlflow"]["credentials"]
+    for path in (files["user"], files["admin"], cluster["registry_signing_key_file"], cluster["mlflow"]["auth_config"]):
+        assert Path(path).parent == state_dir and Path(path).stat().st_mode & 0o777 == 0o600, path
+    admin = local.read_credentials(files["admin"])
+    uri = cluster["mlflow_tracking_uri"]
+
+    # The user account registers a version, as a training job does.
+    user = MlflowClient(uri, registry_uri=uri)
+    run = user.create_run(user.create_experiment("registry-auth"))
+    (tmp_path / "weights.txt").write_text("not a model")
+    user.log_artifact(run.info.run_id, str(tmp_path / "weights.txt"))
+    user.create_registered_model("guarded")
+    version = user.create_model_version("guarded", f"{run.info.artifact_uri}/weights.txt", run_id=run.info.run_id).version
+    user.set_model_version_tag("guarded", version, "note", "users may tag versions")
+
+    alias = {"name": "guarded", "alias": "champion", "version": version}
+    assert _mlflow_call(uri, "POST", "/api/2.0/mlflow/registered-models/alias", alias) == 401
+    assert _mlflow_call(uri, "POST", "/api/2.0/mlflow/experiments/create", {"name": "anonymous"}) == 401
+    assert _mlflow_call(uri, "POST", "/api/2.0/mlflow/registered-models/alias", alias, as_user) == 403
+    assert _mlflow_call(uri, "POST", "/ajax-api/2.0/mlflow/registered-models/alias", alias, as_user) == 403
+    with pytest.raises(MlflowException, match="only by `anchorless models promote`"):
+        user.set_registered_model_alias("guarded", "champion", version)
+    assert user.get_registered_model("guarded").aliases == {}
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text(
+        json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "num_images": 1, "shards": []})
+    )
+    scores = {"AP": 0.3, "AP50": 0.5, "duplicate_rate": 0.0, "latency_ms": 5.0}
+    key = Path(cluster["registry_signing_key_file"]).read_text().strip().encode()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])  # the account `models promote` uses
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
+    decision = promote(
+        MlflowClient(uri, registry_uri=uri), "guarded", version, str(tmp_path / "shards"),
+        evaluate_fn=lambda model_uri, shards: dict(scores), signing_key=key,
+    )  # fmt: skip
+    assert decision.promoted
+    assert user.get_registered_model("guarded").aliases == {"champion": version}
 
 
 @pytest.mark.slow
@@ -196,6 +303,9 @@ def test_a_job_reads_shards_from_the_object_store_and_mlflow_keeps_artifacts_the
     assert status == "SUCCEEDED", logs[-3000:]
     assert f"job read {manifest['num_images']} images {manifest['num_boxes']} boxes" in logs
 
+    username, password = local.read_credentials(cluster["mlflow"]["credentials"]["user"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     tracking = MlflowClient(cluster["mlflow_tracking_uri"])
     run = tracking.create_run(tracking.create_experiment("object-store"))
     (tmp_path / "note.txt").write_text("kept in the bucket")
@@ -241,6 +351,11 @@ def test_a_cluster_with_a_dead_service_is_cleaned_and_brought_up_fresh(cluster):
     assert local._cluster_processes(old["cluster_id"]) == []
     assert cluster_status(state_dir)["running"] is True
     assert Path(fresh["token_file"]).read_text() == Path(old["token_file"]).read_text()  # clients keep working
+    for account in ("user", "admin"):  # the same accounts, still signing in, after a restart
+        credentials = local.read_credentials(fresh["mlflow"]["credentials"][account])
+        assert credentials == local.read_credentials(old["mlflow"]["credentials"][account])
+        path = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
+        assert _mlflow_call(fresh["mlflow_tracking_uri"], "GET", path, None, credentials) == 200
     cluster.update(fresh)
 
 

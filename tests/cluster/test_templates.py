@@ -85,7 +85,42 @@ def test_launcher_config_has_required_fields_gpu_workers_project_image_and_token
     assert "--dashboard-host=127.0.0.1" in head_start
     assert "RAY_AUTH_MODE=token" in " ".join(config["worker_start_ray_commands"])
     assert "$RAY_HEAD_IP:6379" in " ".join(config["worker_start_ray_commands"])
-    assert config["file_mounts"] == {"~/.anchorless/ray_auth_token": "~/.ray/auth_token"}
+    assert config["file_mounts"] == {
+        "~/.anchorless/ray_auth_token": "~/.ray/auth_token",
+        "~/.anchorless/mlflow.env": "~/.anchorless/mlflow.env",
+    }
+
+
+@pytest.mark.parametrize("name", ["kuberay-raycluster", "kuberay-rayjob"])
+def test_kuberay_containers_log_to_mlflow_as_the_account_in_the_mlflow_secret(name):
+    doc = _render(name, mlflow_secret="mlflow-trainer")
+    cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    for container in _containers(cluster):
+        assert {"secretRef": {"name": "mlflow-trainer", "optional": True}} in container["envFrom"]
+        assert not any(item["name"].startswith("MLFLOW_TRACKING_PASS") for item in container["env"])
+    text = render_template(name, mlflow_tracking_uri=MLFLOW, **({"train_config": CONFIG} if name.endswith("job") else {}))
+    assert "--app-name basic-auth" in text and "registry_auth:authenticate_reserving_aliases" in text
+
+
+def test_launcher_nodes_read_the_mlflow_credentials_before_ray_starts():
+    config = _render("ray-cluster-aws", mlflow_env_file="/secure/mlflow.env")
+    assert config["file_mounts"]["~/.anchorless/mlflow.env"] == "/secure/mlflow.env"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        command = config[key][-1]
+        assert command.index("set -a; . $HOME/.anchorless/mlflow.env; set +a;") < command.index("ray start")
+    assert "MLFLOW_TRACKING_PASSWORD" not in " ".join(config["docker"]["run_options"])
+
+
+@pytest.mark.parametrize("name", ["ray-cluster-aws", "kuberay-raycluster", "kuberay-rayjob"])
+def test_multi_node_templates_keep_ray_on_the_nodes_own_address(name, tmp_path, monkeypatch):
+    values = {"mlflow_tracking_uri": MLFLOW, **({"train_config": CONFIG} if name.endswith("job") else {})}
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in render_template(name, **values)
+    shutil.copytree(templates.TEMPLATE_DIR, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / templates.TEMPLATES[name]
+    path.write_text(path.read_text() + "# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n")
+    monkeypatch.setattr(templates, "TEMPLATE_DIR", tmp_path)
+    with pytest.raises(TemplateError, match="would keep every node on loopback"):
+        render_template(name, **values)
 
 
 def test_missing_required_parameter_is_an_error_naming_it():

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,6 +61,59 @@ def test_models_commands_find_the_local_clusters_mlflow_through_its_state_file(t
     assert _tracking_uri(args).startswith("sqlite:///")  # no cluster: the workspace's store
     local.write_state(tmp_path, {"version": local.STATE_VERSION, "mlflow_tracking_uri": "http://127.0.0.1:41002"})
     assert _tracking_uri(args) == "http://127.0.0.1:41002"
+
+
+def test_the_cli_signs_in_to_the_local_clusters_mlflow_only_and_promotes_as_its_admin(tmp_path, monkeypatch):
+    from anchorless.jobs.cli import _registry_signing_key, _sign_in_to_local_registry
+
+    uri = "http://127.0.0.1:41002"
+    user_file, _ = local._ensure_credentials(tmp_path / local.MLFLOW_USER_FILE, local.MLFLOW_USER)
+    admin_file, _ = local._ensure_credentials(tmp_path / local.MLFLOW_ADMIN_FILE, local.MLFLOW_ADMIN)
+    key_file = local._ensure_signing_key(tmp_path)
+    state = {
+        "version": local.STATE_VERSION,
+        "mlflow_tracking_uri": uri,
+        "mlflow": {"credentials": {"user": str(user_file), "admin": str(admin_file)}},
+        "registry_signing_key_file": str(key_file),
+    }
+    local.write_state(tmp_path, state)
+    monkeypatch.setenv(local.STATE_DIR_ENV, str(tmp_path))
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "ANCHORLESS_REGISTRY_KEY"):
+        monkeypatch.setenv(name, "placeholder")  # so that the test's changes are undone
+        monkeypatch.delenv(name)
+    args = build_parser().parse_args(["models", "list"])
+    signed_in = lambda: (os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD"))  # noqa: E731
+
+    assert _sign_in_to_local_registry("http://mlflow.elsewhere:5000", args) is None
+    assert signed_in() == (None, None)  # the cluster's credentials go to its own server only
+    assert _sign_in_to_local_registry(uri + "/", args)["mlflow_tracking_uri"] == uri
+    assert signed_in() == local.read_credentials(user_file)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "me")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mine")
+    _sign_in_to_local_registry(uri, args)
+    assert signed_in() == ("me", "mine")  # the user's own win, as $RAY_AUTH_TOKEN does
+    _sign_in_to_local_registry(uri, args, account="admin")
+    assert signed_in() == local.read_credentials(admin_file)  # promotion moves the alias: only the admin may
+
+    assert _registry_signing_key(uri, state) == key_file.read_text().encode()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("ANCHORLESS_REGISTRY_KEY", "from-the-environment")
+    assert _registry_signing_key(uri, state) == b"from-the-environment"
+
+
+def test_a_command_without_a_cluster_address_keeps_its_own_ray_on_loopback(monkeypatch, capsys):
+    from anchorless.jobs.cli import main
+    from anchorless.platform.ray_session import LOOPBACK_ENV
+
+    (switch, value), = LOOPBACK_ENV.items()
+    monkeypatch.setenv(switch, "placeholder")
+    monkeypatch.delenv(switch)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert main(["config", "show"]) == 0
+    assert switch not in os.environ  # a driver joining a cluster must see its node's real address
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert main(["config", "show"]) == 0
+    assert os.environ[switch] == value
 
 
 # --------------------------------------------------------------------------- slow
@@ -168,9 +223,10 @@ def _gate_table(text: str) -> tuple[list[str], dict[str, list[str]], str]:
 
 @pytest.mark.slow
 def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_version_is_refused(
-    scratch, user_env, stop_cluster_afterwards
+    scratch, user_env, stop_cluster_afterwards, monkeypatch
 ):
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     took: list[tuple[str, float]] = []  # printed at the end: where the minutes go
 
@@ -185,6 +241,10 @@ def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_ver
     assert out.startswith("cluster started")
     state = local.read_state(user_env[local.STATE_DIR_ENV])
     assert state["auth_mode"] == "token" and Path(state["token_file"]).stat().st_mode & 0o777 == 0o600
+    # This test reads the registry as the user account, the one jobs hold (MLflow refuses anonymous requests).
+    user = local.read_credentials(state["mlflow"]["credentials"]["user"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
     registry = MlflowClient(state["mlflow_tracking_uri"], registry_uri=state["mlflow_tracking_uri"])
 
     # 2. The campaign as a Ray job, followed to its end (`--follow` after the job's arguments).
@@ -246,6 +306,25 @@ def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_ver
     run("jobs", "logs", weak_job, "--follow", timeout=300)
     assert json.loads(run("jobs", "status", weak_job))["status"] == "SUCCEEDED"
     assert registry.get_run(registry.get_model_version(MODEL, "2").run_id).info.run_name == "flow-weak"
+
+    # 6a. As an attacker would: move the alias directly, anonymously and with the account jobs
+    #     hold (both refused), then forge v2's cached scores on these shards (not signed: v2 is
+    #     scored again below, and refused on its real scores).
+    anonymous = urllib.request.Request(
+        f"{state['mlflow_tracking_uri']}/api/2.0/mlflow/registered-models/alias", method="POST",
+        data=json.dumps({"name": MODEL, "alias": "champion", "version": "2"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anonymous, timeout=30)
+    assert refused.value.code == 401
+    with pytest.raises(MlflowException, match="only by `anchorless models promote`"):
+        registry.set_registered_model_alias(MODEL, "champion", "2")
+    cached = [key for key in registry.get_model_version(MODEL, "1").tags if key.startswith("eval.")]
+    prefix = cached[0].rsplit(".", 1)[0]
+    for metric, value in {"AP": "0.99", "AP50": "0.99", "duplicate_rate": "0", "latency_ms": "0.1"}.items():
+        registry.set_model_version_tag(MODEL, "2", f"{prefix}.{metric}", value)
+
     out = run("models", "promote", MODEL, "2", "--to", "champion", "--data", "shards/train", timeout=300, expect=1)
     decision = _json_lines(out)[-1]
     weak_ap = f"{decision['candidate_metrics']['AP']:.4f}"
@@ -259,6 +338,12 @@ def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_ver
     assert decision["promoted"] is False and decision["champion"] == "1"
     assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"  # unchanged
     assert registry.get_model_version(MODEL, "2").tags["promotion.champion.decision"] == "refused"
+    assert registry.get_model_version(MODEL, "2").tags[f"{prefix}.AP"] == repr(decision["candidate_metrics"]["AP"])
+
+    # 6b. A rollback trusts only a champion history promotion signed: a forged one is refused.
+    registry.set_registered_model_tag(MODEL, "anchorless.champion_history.champion", json.dumps(["2"]))
+    run("models", "rollback", MODEL, expect=2)
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == "1"
 
     # 7. Submitting the finished campaign again restores it: no new trial, the same best,
     #    the same registered version.

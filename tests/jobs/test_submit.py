@@ -109,6 +109,12 @@ def test_runtime_env_ships_the_project_without_venv_workspace_git_or_caches(tmp_
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "detectors")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
     monkeypatch.setenv("ANCHORLESS_BCCD", "/data/bccd")
+    # Secrets stay out of the job's runtime env, which the dashboard shows: the cluster's nodes
+    # carry their own tracking credentials, the signing key stays with `models promote`.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "anchorless-admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "secret")
+    monkeypatch.setenv("ANCHORLESS_REGISTRY_KEY", "secret")
     env = jobs.build_runtime_env(jobs.project_root())
     root = jobs.project_root()
     assert env["working_dir"] == str(root)

@@ -7,11 +7,16 @@ margin and regresses no guard metric beyond its tolerance, and the decision, bot
 scores and the data checksum are written as tags on the candidate version. The
 champion history lives in a tag of the registered model so a rollback knows where
 to go back to.
+
+Scores are cached in the version's tags (``eval.<data sha256[:12]>.<metric>``) with an
+HMAC over (model, version, data checksum, scores) in ``eval_signature.<data sha256[:12]>``,
+made with the registry's signing key (see ``signing``). A cache that is unsigned, altered,
+copied from another version or signed with another key is not evidence: the version is
+scored again. The champion history is signed the same way (see ``history``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -24,18 +29,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from anchorless.platform.data.shards import manifest_checksum, read_manifest
 from anchorless.platform.evaluation.offline import evaluate
 from anchorless.platform.models.loading import load_model
-from anchorless.platform.registry.versions import (
-    HISTORY_TAG,
-    RegistryError,
-    alias_version,
-    champion_history,
-    format_metric,
-    get_version,
-)
+from anchorless.platform.registry.history import move_alias, read_history, write_history
+from anchorless.platform.registry.signing import registry_signing_key, sign, verify
+from anchorless.platform.registry.versions import RegistryError, alias_version, format_metric, get_version
 
 log = logging.getLogger(__name__)
 
 EVAL_TAG_PREFIX = "eval"  # eval.<data sha256[:12]>.<metric>
+EVAL_SIGNATURE_PREFIX = "eval_signature"  # eval_signature.<data sha256[:12]>: the HMAC of the scores
 # Metrics a version is compared on; the evaluation summary has them under these names.
 COMPARED_METRICS = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate", "confident_detections", "latency_ms",
@@ -140,22 +141,46 @@ def evaluate_version(model_uri: str, shard_dir: str, **evaluate_kwargs: Any) -> 
 EvaluateFn = Callable[[str, str], dict[str, float]]
 
 
-def _scores(
-    client: MlflowClient, name: str, version: str, shard_dir: str, data_sha: str, evaluate_fn: EvaluateFn
-) -> dict[str, float]:
-    """Scores of a version on these shards, cached in its tags keyed by the data checksum."""
+def _scores_record(name: str, version: str, data_sha: str, scores: dict[str, str]) -> tuple:
+    return ("scores", name, str(version), data_sha, scores)
+
+
+def _cached_scores(tags: dict[str, str], name: str, version: str, data_sha: str, key: bytes) -> dict[str, float] | None:
+    """The scores in the version's tags if their signature verifies, else None (saying why)."""
     prefix = f"{EVAL_TAG_PREFIX}.{data_sha[:12]}."
+    written = {tag[len(prefix):]: value for tag, value in tags.items() if tag.startswith(prefix)}
+    if not written:
+        return None
+    signature = tags.get(f"{EVAL_SIGNATURE_PREFIX}.{data_sha[:12]}")
+    if not verify(key, signature, *_scores_record(name, version, data_sha, written)):
+        why = "unsigned" if not signature else "not signed by this registry's promotion (altered, copied or another key)"
+        log.warning("v%s: the scores in its tags for data %s are %s; scoring it again", version, data_sha[:12], why)
+        return None
+    return {metric: float(value) for metric, value in written.items()}
+
+
+def _scores(
+    client: MlflowClient, name: str, version: str, shard_dir: str, data_sha: str, evaluate_fn: EvaluateFn, key: bytes
+) -> dict[str, float]:
+    """Scores of a version on these shards, cached in its signed tags keyed by the data checksum."""
     tags = get_version(client, name, version).tags or {}
-    cached = {key[len(prefix):]: float(value) for key, value in tags.items() if key.startswith(prefix)}
-    if cached:
-        log.info("v%s: reusing its scores on data %s", version, data_sha[:12])
+    cached = _cached_scores(tags, name, version, data_sha, key)
+    if cached is not None:
+        log.info("v%s: reusing its signed scores on data %s", version, data_sha[:12])
         return cached
     log.info("v%s: evaluating on %s", version, shard_dir)
-    metrics = evaluate_fn(f"models:/{name}/{version}", shard_dir)
-    for key, value in metrics.items():
-        # repr: the reused score must be the very float scored now; 6 decimals once turned a
-        # champion's AP 0.00965 into 0.0096 at its promotion and 0.0097 when reused.
-        client.set_model_version_tag(name, version, f"{prefix}{key}", repr(float(value)))
+    metrics = {metric: float(value) for metric, value in evaluate_fn(f"models:/{name}/{version}", shard_dir).items()}
+    # repr: the reused score must be the very float scored now; 6 decimals once turned a
+    # champion's AP 0.00965 into 0.0096 at its promotion and 0.0097 when reused.
+    written = {metric: repr(value) for metric, value in metrics.items()}
+    prefix = f"{EVAL_TAG_PREFIX}.{data_sha[:12]}."
+    for tag in tags:
+        if tag.startswith(prefix) and tag[len(prefix):] not in written:
+            client.delete_model_version_tag(name, version, tag)  # a stray score would void the signature
+    for metric, value in written.items():
+        client.set_model_version_tag(name, version, f"{prefix}{metric}", value)
+    signature = sign(key, *_scores_record(name, version, data_sha, written))
+    client.set_model_version_tag(name, version, f"{EVAL_SIGNATURE_PREFIX}.{data_sha[:12]}", signature)
     return metrics
 
 
@@ -240,9 +265,15 @@ def promote(
     force: bool = False,
     reason: str | None = None,
     evaluate_fn: EvaluateFn = evaluate_version,
+    signing_key: bytes | None = None,
 ) -> Decision:
-    """Evaluate candidate and champion on the same shards and move the alias if the candidate wins."""
+    """Evaluate candidate and champion on the same shards and move the alias if the candidate wins.
+
+    ``signing_key`` signs and checks the cached scores and the champion history; default the
+    registry's own (``signing.registry_signing_key``).
+    """
     policy = policy or PromotionPolicy()
+    key = signing_key if signing_key is not None else registry_signing_key(client._registry_uri)
     version = str(version)
     get_version(client, name, version)
     if force and not reason:
@@ -251,8 +282,9 @@ def promote(
     champion = alias_version(client, name, alias)
     if champion == version:
         raise RegistryError(f"{name} v{version} is already {alias}")
-    candidate_metrics = _scores(client, name, version, shard_dir, data_sha, evaluate_fn)
-    champion_metrics = _scores(client, name, champion, shard_dir, data_sha, evaluate_fn) if champion else None
+    history = read_history(client, name, alias, key)  # before any work: a tampered one stops here
+    candidate_metrics = _scores(client, name, version, shard_dir, data_sha, evaluate_fn, key)
+    champion_metrics = _scores(client, name, champion, shard_dir, data_sha, evaluate_fn, key) if champion else None
     decision = decide(name, version, champion, candidate_metrics, champion_metrics, policy, data_sha)
     if force and not decision.promoted:
         decision.promoted = True
@@ -268,12 +300,9 @@ def promote(
         f"promotion.{alias}.champion_{policy.metric}": f"{champion_metrics[policy.metric]:.6f}" if champion_metrics else "",
         f"promotion.{alias}.time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    for tag, value in tags.items():
+        client.set_model_version_tag(name, version, tag, value)
     if decision.promoted:
-        history = champion_history(client, name, alias)
-        if champion:
-            history.append(champion)
-        client.set_registered_model_tag(name, f"{HISTORY_TAG}.{alias}", json.dumps(history))
-        client.set_registered_model_alias(name, alias, version)
+        move_alias(client, name, alias, version)  # first: a refused move leaves the history as it was
+        write_history(client, name, alias, version, history + ([champion] if champion else []), key)
     return decision

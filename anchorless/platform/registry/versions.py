@@ -1,9 +1,7 @@
-"""Registered model versions: listing them with their scores, the alias history, rollback."""
+"""Registered model versions: finding them, listing them with their scores."""
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 from mlflow import MlflowClient
@@ -11,8 +9,6 @@ from mlflow.exceptions import MlflowException
 
 from anchorless.errors import AnchorlessError
 from anchorless.platform.tracking.store import TAG_FORMATS
-
-HISTORY_TAG = "anchorless.champion_history"  # + ".<alias>": the versions the alias pointed at before
 
 
 class RegistryError(AnchorlessError):
@@ -89,26 +85,3 @@ def _float_or_none(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def champion_history(client: MlflowClient, name: str, alias: str) -> list[str]:
-    tags = client.get_registered_model(name).tags or {}
-    return json.loads(tags.get(f"{HISTORY_TAG}.{alias}", "[]"))
-
-
-def rollback(client: MlflowClient, name: str, *, alias: str = "champion") -> tuple[str | None, str]:
-    """Point the alias back at the previous champion; returns (from, to)."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise RegistryError(f"no registered model named {name!r}") from None
-    history = champion_history(client, name, alias)
-    current = alias_version(client, name, alias)
-    if not history:
-        raise RegistryError(f"{name}@{alias} has no previous version to roll back to")
-    previous = history.pop()
-    client.set_registered_model_tag(name, f"{HISTORY_TAG}.{alias}", json.dumps(history))
-    client.set_registered_model_alias(name, alias, previous)
-    if current:
-        client.set_model_version_tag(name, current, f"promotion.{alias}.rolled_back", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return current, previous

@@ -121,7 +121,8 @@ def check_reachable(uri: str) -> None:
     if response.status_code in (401, 403):
         raise TrackingError(
             f"tracking store {uri} refused the request (HTTP {response.status_code}); "
-            "set MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN"
+            "set MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN (a local cluster's accounts are "
+            "in its state directory, mlflow_user.json; the command line reads them for that cluster's server)"
         )
     if response.status_code >= 500:
         raise TrackingError(f"tracking store {uri} answered HTTP {response.status_code}: {response.text[:200]}")

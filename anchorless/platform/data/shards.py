@@ -46,7 +46,15 @@ from pyarrow import fs as pafs
 from tqdm import tqdm
 
 from anchorless.errors import DataError
-from anchorless.platform.data.coco import IMAGE_SKIPPED, BadImage, CocoDataset, ImageRecord, load_coco, verify_image_bytes
+from anchorless.platform.data.coco import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SKIPPED,
+    BadImage,
+    CocoDataset,
+    ImageRecord,
+    load_coco,
+    verify_image_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +103,7 @@ class _ShardTask:
     file: str
     records: list[ImageRecord]
     row_group_size: int
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def write_shards(
@@ -115,6 +124,7 @@ def shard_dataset(
     workers: int | None = None,
     progress: bool = True,
     skip_bad_images: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """Validate a data set and write it as Parquet shards plus ``manifest.json``.
 
@@ -130,21 +140,29 @@ def shard_dataset(
         progress: show a tqdm bar (images written).
         skip_bad_images: leave missing, unreadable or truncated images out (listed in
             the manifest) instead of failing.
+        max_image_pixels: an image whose header declares more pixels is a bad image,
+            refused before it is decoded (decompression bombs).
 
     Returns:
         The manifest (also written as ``out/manifest.json``).
 
     Raises:
         DataError: on any input problem that makes the data set unusable, every bad
-            image listed; nothing is left at ``out`` or next to it.
+            image listed, and on a data set with no image to write; nothing is left at
+            ``out`` or next to it.
     """
     if target_shard_mb <= 0:
         raise DataError(f"target shard size must be positive, got {target_shard_mb} MB")
+    if max_image_pixels < 1:
+        raise DataError(f"the image pixel limit must be positive, got {max_image_pixels}")
     filesystem, out_path = resolve_location(out)
     shown = os.fspath(out)
     _check_replaceable(filesystem, out_path, shown)
     dataset = load()
-    tasks = _plan_shards(dataset, target_bytes=int(target_shard_mb * 2**20))
+    if not dataset.images and not dataset.bad_images:
+        # Training on it would fail much later, and far from the cause.
+        raise DataError(f"{dataset.annotations_path}: no images (an empty split); nothing was written")
+    tasks = _plan_shards(dataset, target_bytes=int(target_shard_mb * 2**20), max_image_pixels=max_image_pixels)
 
     tmp_path = _sibling(out_path, f".{posixpath.basename(out_path)}.tmp-{uuid.uuid4().hex[:12]}")
     filesystem.create_dir(tmp_path, recursive=True)
@@ -153,6 +171,9 @@ def shard_dataset(
         bad = dataset.bad_images + unreadable
         if bad and not skip_bad_images:
             raise DataError(_bad_images_message(bad))
+        if not sum(shard["num_images"] for shard in shards):
+            listed = "\n".join(f"  {image.message}" for image in bad)
+            raise DataError(f"{dataset.annotations_path}: all {len(bad)} images are bad, none left to shard; nothing was written:\n{listed}")
         manifest = _manifest(dataset, shards, skipped=bad)
         _move_into_place(filesystem, tmp_path, out_path, shown, _manifest_bytes(manifest))
     except BaseException:
@@ -169,7 +190,7 @@ def _bad_images_message(bad: list[BadImage]) -> str:
     return f"{len(bad)} bad images; nothing was written ({hint}):\n" + "\n".join(f"  {image.message}" for image in bad)
 
 
-def _plan_shards(dataset: CocoDataset, *, target_bytes: int) -> list[_ShardTask]:
+def _plan_shards(dataset: CocoDataset, *, target_bytes: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[_ShardTask]:
     """Consecutive images grouped by encoded size; the same input gives the same plan."""
     groups: list[list[ImageRecord]] = []
     group_bytes = 0
@@ -182,13 +203,16 @@ def _plan_shards(dataset: CocoDataset, *, target_bytes: int) -> list[_ShardTask]
             group_bytes = 0
         groups[-1].append(record)
         group_bytes += size
-    if not groups:  # an empty split is still a valid (empty) data set
+    if not groups:  # only bad images, all missing: still planned, so the error lists them
         groups = [[]]
     mean_size = max(1, int(np.mean(sizes))) if sizes else 1
     row_group_size = max(1, ROW_GROUP_BYTES // mean_size)
     width = max(5, len(str(len(groups) - 1)))
     return [
-        _ShardTask(index=index, file=f"shard-{index:0{width}d}.parquet", records=records, row_group_size=row_group_size)
+        _ShardTask(
+            index=index, file=f"shard-{index:0{width}d}.parquet", records=records,
+            row_group_size=row_group_size, max_image_pixels=max_image_pixels,
+        )  # fmt: skip
         for index, records in enumerate(groups)
     ]
 
@@ -242,7 +266,7 @@ def _write_shard(filesystem: pafs.FileSystem, tmp_path: str, task: _ShardTask) -
             store_schema=True,
         ) as writer:
             for start in range(0, len(task.records), task.row_group_size):
-                chunk, encoded = _read_verified(task.records[start : start + task.row_group_size], bad)
+                chunk, encoded = _read_verified(task.records[start : start + task.row_group_size], bad, task.max_image_pixels)
                 if chunk:
                     writer.write_table(_rows_table(chunk, encoded), row_group_size=len(chunk))
                 num_images += len(chunk)
@@ -259,7 +283,9 @@ def _write_shard(filesystem: pafs.FileSystem, tmp_path: str, task: _ShardTask) -
     return entry, bad
 
 
-def _read_verified(records: list[ImageRecord], bad: list[BadImage]) -> tuple[list[ImageRecord], list[bytes]]:
+def _read_verified(
+    records: list[ImageRecord], bad: list[BadImage], max_image_pixels: int
+) -> tuple[list[ImageRecord], list[bytes]]:
     """The records whose file reads and decodes to its recorded size, with their bytes; the rest go to ``bad``."""
     kept, encoded = [], []
     for record in records:
@@ -268,7 +294,7 @@ def _read_verified(records: list[ImageRecord], bad: list[BadImage]) -> tuple[lis
                 data = record.path.read_bytes()
             except OSError as exc:
                 raise DataError(f"{record.path} (image id {record.image_id}): cannot read image file ({exc.strerror})") from None
-            verify_image_bytes(data, record)
+            verify_image_bytes(data, record, max_pixels=max_image_pixels)
         except DataError as exc:
             bad.append(BadImage(record.file_name, record.image_id, str(exc), num_boxes=len(record.labels)))
             continue

@@ -16,7 +16,8 @@ The driver side of training, in the order it happens:
 
 A run lives in ``<workspace>/runs/<run name>/``: Ray Train's checkpoints and state
 next to ``run.json`` (MLflow run id), ``config.yaml``, ``deepspeed_config.json``,
-``model.pt`` (the export) and ``summary.json``; a run started from another run's
+``model.pt`` (the export), ``summary.json`` and, after a tracking outage, the outboxes
+(``tracking_outbox.*.jsonl``) of what waits for MLflow; a run started from another run's
 checkpoint (a PBT exploit) keeps its copy of that checkpoint under ``start/``. With
 ``training.checkpoint.storage`` (a directory or ``s3://...``), Ray Train's checkpoints and
 state live there under the run's name instead (starting from another run's checkpoint
@@ -39,9 +40,11 @@ from anchorless.platform.models.export import export_checkpoint
 from anchorless.platform.models.pyfunc import log_and_register
 from anchorless.platform.progress import QUIET_WORKER_ENV, ProgressDisplay, create_queue
 from anchorless.platform.ray_session import connect_ray
-from anchorless.platform.tracking.tracker import Tracker
+from anchorless.platform.tracking.tracker import Outbox, Tracker
 from anchorless.platform.training.engine import model_state_dict, worker_env
 from anchorless.platform.training.plan import (
+    DRIVER_OUTBOX,
+    RANK0_OUTBOX,
     RUN_FILE,
     SUMMARY_FILE,
     RunPlan,
@@ -57,6 +60,9 @@ from anchorless.platform.training.worker import STATE_FILE, train_loop_per_worke
 log = logging.getLogger(__name__)
 
 EXPORT_FILE = "model.pt"
+# How long a run that ends during a tracking outage waits for the store before it gives up
+# (its metrics stay on disk in the outbox, delivered when the run is resumed).
+END_OF_RUN_PATIENCE_SECONDS = 600.0
 SUMMARY_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100", "duplicate_rate")
 
 
@@ -152,6 +158,7 @@ def build_trainer(
         progress_queue=progress_queue,
         fault=fault_from_env(plan.run_dir),
         start_checkpoint=str(start_checkpoint) if start_checkpoint else None,
+        outbox=str(plan.run_dir / RANK0_OUTBOX),
         quiet=not logging.getLogger("ray").isEnabledFor(logging.DEBUG),
     )
     return TorchTrainer(
@@ -221,7 +228,10 @@ def train(
         return plan.finished_summary
 
     start_checkpoint = adopt_start_checkpoint(plan.run_dir, plan.start_from) if plan.start_from else None
-    tracker = Tracker.start(cfg, resume_run_id=plan.resume_run_id, parent_run_id=parent_run_id, tags=run_tags)
+    tracker = Tracker.start(
+        cfg, resume_run_id=plan.resume_run_id, parent_run_id=parent_run_id, tags=run_tags,
+        outbox=Outbox(plan.run_dir / DRIVER_OUTBOX),
+    )  # fmt: skip
     if plan.resume_run_id and run_tags:
         tracker.set_tags(run_tags)
     run_record = {"run_id": tracker.run_id, "tracking_uri": tracker.tracking_uri, "name": plan.name, "config": cfg.to_dict()}
@@ -304,6 +314,11 @@ def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, 
     """Export the latest checkpoint, log and register it, write the summary."""
     if result.checkpoint is None:
         raise TrainingError(f"training run {plan.name!r} reported no checkpoint")
+    # What rank 0 could not deliver before it ended (an outage to the last epoch) goes now, then
+    # ours; registering the model needs the store anyway, so an outage at the end is waited out.
+    rank0 = tracker.flush(Outbox(plan.run_dir / RANK0_OUTBOX), patience_seconds=END_OF_RUN_PATIENCE_SECONDS)
+    driver = tracker.flush(patience_seconds=END_OF_RUN_PATIENCE_SECONDS)
+    tracking = {f"tracking_{key}": rank0[key] + driver[key] for key in ("late", "dropped", "pending")}
     with result.checkpoint.as_directory() as checkpoint_dir:  # a local path, or a download from remote storage
         state = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
         weights = model_state_dict(checkpoint_dir)
@@ -325,6 +340,7 @@ def _finish(cfg: ExperimentConfig, plan: RunPlan, tracker: Any, result: Any, *, 
         "nonfinite_steps": metrics.get("nonfinite_steps", 0),
         "images_per_s": metrics.get("images_per_s"),  # training throughput of the last epoch
         **{key: metrics[key] for key in SUMMARY_METRICS if key in metrics},
+        **tracking,  # tracking calls an MLflow outage delivered late, lost past the outbox's bound, still waiting
     }
     write_json_atomic(plan.run_dir / SUMMARY_FILE, summary)
     return summary

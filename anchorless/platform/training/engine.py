@@ -17,21 +17,35 @@ Choices, measured on this project's CPU machine:
   warmup+milestone step schedule, and one plain factor function serves all three
   kinds and is easy to test. DeepSpeed steps it once per optimizer step (at
   gradient-accumulation boundaries) and saves it in every checkpoint.
+
+Checkpoints cannot run code. A checkpoint file is a pickle, and PBT loads checkpoints other
+trials wrote (and a shared bucket lets anyone who can write there write one), so every
+file is read with ``torch.load(weights_only=True)``: tensors, plain data and the four
+DeepSpeed types its checkpoints hold (:func:`deepspeed_checkpoint_types`), nothing that
+can name a function to call. DeepSpeed's own loader asks for ``weights_only=False``, so
+:func:`build_engine` gives the engine a checkpoint engine that reads through
+:func:`load_checkpoint_file` instead. A file holding anything else is refused, naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import io
 import logging
 import math
 import os
+import pickle
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from anchorless.errors import AnchorlessError
 from anchorless.platform.config import ScheduleConfig, TrainingConfig
 
 _log = logging.getLogger("anchorless.engine")
@@ -41,6 +55,10 @@ CHECKPOINT_SUBDIR = "deepspeed"
 CHECKPOINT_TAG = "state"
 # DeepSpeed prints a line every `steps_per_print` steps; progress is ours to show.
 _NEVER = 2**31 - 1
+
+
+class CheckpointError(AnchorlessError):
+    """A checkpoint that cannot be written (a full disk) or must not be read (it could run code)."""
 
 
 def deepspeed_config(training: TrainingConfig, *, batch_size: int, world_size: int) -> dict[str, Any]:
@@ -161,6 +179,7 @@ def build_engine(
             config=ds_config,
             lr_scheduler=lr_scheduler_factory(schedule, total_steps),
         )
+    engine.checkpoint_engine = _weights_only_checkpoint_engine(engine.checkpoint_engine)
     if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
         # Alone, DeepSpeed would still flatten every gradient and all-reduce it with itself
         # (~40 ms of a ~500 ms ResNet-18 step on one CPU thread). ZeRO's optimizer gathers
@@ -210,15 +229,88 @@ def average_batchnorm_statistics(model: torch.nn.Module) -> int:
     return len(buffers)
 
 
+@functools.cache
+def deepspeed_checkpoint_types() -> tuple[type, ...]:
+    """The non-tensor types DeepSpeed pickles into the checkpoints of ZeRO 0-2 (found by loading
+    each file it writes with ``weights_only=True``): plain classes and an enum, constructed
+    from their fields, never called with arguments a file chooses."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """One checkpoint file, read with ``weights_only=True``; a :class:`CheckpointError` naming it
+    for a file that holds anything that could run code, or is not a checkpoint at all."""
+    import torch.serialization
+
+    try:
+        with torch.serialization.safe_globals(list(deepspeed_checkpoint_types())):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
+        detail = found.group(1) if found else str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain data ({detail.strip()}); "
+            "a checkpoint that could run code is never loaded. Was it written by another program, or changed?"
+        ) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except (RuntimeError, EOFError, OSError) as exc:  # torch's zip reader on a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({str(exc).splitlines()[0]})") from None
+
+
+def _weights_only_checkpoint_engine(current: Any) -> Any:
+    """DeepSpeed's torch checkpoint engine, reading every file through :func:`load_checkpoint_file`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(current) is not TorchCheckpointEngine:  # our config never asks for another one
+        raise CheckpointError(f"unexpected DeepSpeed checkpoint engine {type(current).__name__}; only torch's is read safely")
+    current.__class__ = _weights_only_engine_class()  # the same settings (serialisation, name), a safe load
+    return current
+
+
+@functools.cache
+def _weights_only_engine_class() -> type:
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch.save/torch.load engine, loading with ``weights_only=True``."""
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_checkpoint_file(path, map_location=map_location)
+
+    return WeightsOnlyCheckpointEngine
+
+
 def save_engine(engine: Any, checkpoint_dir: str | Path, client_state: dict[str, Any]) -> None:
-    """Every rank writes its part of the DeepSpeed checkpoint (model, optimizer, LR schedule)."""
-    engine.save_checkpoint(
-        str(Path(checkpoint_dir) / CHECKPOINT_SUBDIR), tag=CHECKPOINT_TAG, client_state=client_state
-    )
+    """Every rank writes its part of the DeepSpeed checkpoint (model, optimizer, LR schedule).
+
+    A write that fails (a full disk) removes the part it left and raises a
+    :class:`CheckpointError`: a half-written checkpoint never looks like one, and the
+    checkpoints written before are untouched (each lives in its own directory).
+    """
+    target = Path(checkpoint_dir) / CHECKPOINT_SUBDIR
+    existed = target.exists()
+    try:
+        engine.save_checkpoint(str(target), tag=CHECKPOINT_TAG, client_state=client_state)
+    except OSError as exc:
+        if not existed:
+            shutil.rmtree(target, ignore_errors=True)
+        reason = "the file system is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise CheckpointError(
+            f"{checkpoint_dir}: cannot write the training checkpoint ({reason}); "
+            "nothing of it is kept, and the previous checkpoint is intact and resumable"
+        ) from exc
 
 
 def load_engine(engine: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
-    """Restore model, optimizer and LR schedule; returns the client state saved with them."""
+    """Restore model, optimizer and LR schedule; returns the client state saved with them.
+
+    Every file is read with ``weights_only=True`` (the engine came from :func:`build_engine`).
+    """
     path, client_state = engine.load_checkpoint(str(Path(checkpoint_dir) / CHECKPOINT_SUBDIR), tag=CHECKPOINT_TAG)
     if path is None:
         raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed checkpoint under {CHECKPOINT_SUBDIR}/{CHECKPOINT_TAG}")
@@ -234,8 +326,7 @@ def model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     states = Path(checkpoint_dir) / CHECKPOINT_SUBDIR / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: not a training checkpoint (no {states.relative_to(checkpoint_dir)})")
-    # DeepSpeed pickles more than tensors (its config, version); this file is our own output.
-    saved = torch.load(states, map_location="cpu", weights_only=False)
+    saved = load_checkpoint_file(states)
     return {
         name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in saved["module"].items()
     }

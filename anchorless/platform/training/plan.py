@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
+# Tracking calls an MLflow outage held back (see tracking.tracker.Outbox), one file per writer.
+DRIVER_OUTBOX = "tracking_outbox.driver.jsonl"
+RANK0_OUTBOX = "tracking_outbox.rank0.jsonl"
 START_DIR = "start"  # copies of other runs' checkpoints this run was started from
 # Test hook, once per run: "kill:RANK:STEP" kills that worker process before that optimizer
 # step; "nan:RANK:STEP:TERM" makes that loss term NaN there.
@@ -89,6 +92,7 @@ class WorkerPlan:
     progress_queue: Any = None  # the driver's progress display
     fault: Fault | None = None
     start_checkpoint: str | None = None  # another run's checkpoint to start from until this run has its own
+    outbox: str | None = None  # where rank 0 keeps the tracking calls an MLflow outage held back
     quiet: bool = True  # keep Ray's, Ray Data's and DeepSpeed's start-up chatter out of the worker logs
 
 
@@ -269,7 +273,8 @@ def adopt_start_checkpoint(run_dir: Path, source: Path) -> Path:
     The copy keeps the start point while the run that wrote it deletes old checkpoints
     (``keep_best``), and makes this run self-contained. The old state must go, or Ray
     Train would resume this run's own abandoned checkpoints; ``run.json`` (the MLflow
-    run) stays, and so does an earlier copy of the same start (a retried trial).
+    run) and its tracking outboxes stay, and so does an earlier copy of the same start
+    (a retried trial).
     """
     target = _start_copy(run_dir, source)
     name = target.name
@@ -285,6 +290,8 @@ def adopt_start_checkpoint(run_dir: Path, source: Path) -> Path:
         run_dir.mkdir()
         if (doomed / RUN_FILE).is_file():
             os.replace(doomed / RUN_FILE, run_dir / RUN_FILE)
+        for outbox in doomed.glob("tracking_outbox.*"):  # tracking calls still waiting for MLflow
+            os.replace(outbox, run_dir / outbox.name)
         if staged is None:
             target.parent.mkdir(parents=True)
             os.replace(doomed / START_DIR / name, target)

@@ -46,7 +46,7 @@ from anchorless.platform.evaluation.metrics import score_detections
 from anchorless.platform.evaluation.plots import log_evaluation
 from anchorless.platform.models.predict import batch_to_original_pixels
 from anchorless.platform.progress import ProgressSender, forward_worker_warnings, quiet_worker_logs
-from anchorless.platform.tracking.tracker import Tracker
+from anchorless.platform.tracking.tracker import Outbox, Tracker
 from anchorless.platform.training.engine import (
     average_batchnorm_statistics,
     build_engine,
@@ -116,21 +116,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     cfg = ExperimentConfig.model_validate(config["cfg"])
     plan: WorkerPlan = config["plan"]
     run, resumed_from_elsewhere = _start(cfg, plan)
-    if resumed_from_elsewhere is not None and run.state.epoch >= cfg.training.epochs:
-        # Started from a final checkpoint: nothing left to train.
-        _report_as_result(resumed_from_elsewhere, run.rank, run.tracker)
+    try:
+        if resumed_from_elsewhere is not None and run.state.epoch >= cfg.training.epochs:
+            # Started from a final checkpoint: nothing left to train.
+            _report_as_result(resumed_from_elsewhere, run.rank, run.tracker)
+            return None
+        for epoch in range(run.state.epoch, cfg.training.epochs):
+            stopped, out_of_time = _train_one_epoch(run, epoch)
+            if stopped is not None:
+                return stopped
+            _evaluate_and_checkpoint(run, epoch, out_of_time=out_of_time)
+            if out_of_time:
+                if run.progress is not None:
+                    budget = cfg.training.time_budget_minutes
+                    run.progress.send("message", text=f"time budget of {budget:g} min spent at step {run.engine.global_steps}")
+                break
         return None
-    for epoch in range(run.state.epoch, cfg.training.epochs):
-        stopped, out_of_time = _train_one_epoch(run, epoch)
-        if stopped is not None:
-            return stopped
-        _evaluate_and_checkpoint(run, epoch, out_of_time=out_of_time)
-        if out_of_time:
-            if run.progress is not None:
-                budget = cfg.training.time_budget_minutes
-                run.progress.send("message", text=f"time budget of {budget:g} min spent at step {run.engine.global_steps}")
-            break
-    return None
+    finally:
+        run.side_work.shutdown(wait=True)  # the last step logs are out
+        if run.tracker is not None:
+            run.tracker.flush()  # a last try at what an outage held back; the driver tries again after
 
 
 def _start(cfg: ExperimentConfig, plan: WorkerPlan) -> tuple[WorkerRun, ray.train.Checkpoint | None]:
@@ -177,7 +182,7 @@ def _start(cfg: ExperimentConfig, plan: WorkerPlan) -> tuple[WorkerRun, ray.trai
         val_shard=ray.train.get_dataset_shard("val"),
     )  # fmt: skip
     if rank == 0:
-        run.tracker = Tracker.attach(cfg, plan.run_id, plan.tracking_uri)
+        run.tracker = Tracker.attach(cfg, plan.run_id, plan.tracking_uri, outbox=Outbox(plan.outbox) if plan.outbox else None)
         run.progress = ProgressSender(plan.progress_queue)
         run.progress.send(
             "start", epoch=state.epoch, step=engine.global_steps, resumed=checkpoint is not None,

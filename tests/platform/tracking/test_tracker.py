@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from anchorless.platform.evaluation import plots
 from anchorless.platform.config import build_config
 from anchorless.platform.tracking.store import CONFIG_ARTIFACT, DEEPSPEED_ARTIFACT, TAG_GIT_COMMIT, TAG_MANIFEST_SHA256, TAG_SOURCE_SHA256, TAG_VERSION, TrackingError
-from anchorless.platform.tracking.tracker import Tracker, git_state, manifest_checksum, param_value
+from anchorless.platform.tracking.tracker import Outbox, Tracker, git_state, manifest_checksum, outbox_counts, param_value
 
 MANIFEST = {"source": {"sha256": "ab" * 32}, "categories": [{"label": 0, "coco_id": 1, "name": "a"}], "num_images": 4}
 DEEPSPEED = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 0}}
@@ -158,14 +160,14 @@ def test_transient_failures_are_retried_until_the_metrics_land():
     assert tracker.dropped_calls == 0
 
 
-def test_a_store_that_keeps_failing_drops_the_metrics_with_a_warning_instead_of_raising(caplog):
+def test_without_an_outbox_a_store_that_keeps_failing_drops_the_metrics_with_a_warning_instead_of_raising(caplog):
     client = _FlakyClient(10**6, ConnectionError("Connection refused"))
     tracker = Tracker(client, "run", "test://", retries=3, backoff_seconds=0.001)
     with caplog.at_level(logging.WARNING, logger="anchorless.platform.tracking.tracker"):
         tracker.log_metrics({"loss": 0.5}, step=7)
     assert client.calls == 4  # the first try and three retries
     assert tracker.dropped_calls == 1
-    assert "dropped after 4 attempt(s)" in caplog.text
+    assert "log_batch(metrics) dropped: connection refused" in caplog.text
     # While the store is down, each call gets a single attempt: training is not held up.
     tracker.log_metrics({"loss": 0.4}, step=8)
     assert client.calls == 5 and tracker.dropped_calls == 2
@@ -182,6 +184,147 @@ def test_an_invalid_request_is_not_retried():
     tracker = Tracker(client, "run", "test://", retries=3, backoff_seconds=10.0)
     tracker.log_metrics({"bad key!": 1.0}, step=0)
     assert client.calls == 1 and tracker.dropped_calls == 1
+
+
+class _OutageClient:
+    """A store that is up or down (``down``): while down every call fails as a refused connection."""
+
+    def __init__(self):
+        self.down = False
+        self.calls: list[tuple] = []  # what reached the store, in order
+
+    def _answer(self, *call):
+        if self.down:
+            raise ConnectionError("Connection refused")
+        self.calls.append(call)
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self._answer("batch", [(m.key, m.value, m.timestamp, m.step) for m in metrics], [(p.key, p.value) for p in params], [(t.key, t.value) for t in tags])
+
+    def log_text(self, run_id, text, artifact_file):
+        self._answer("text", artifact_file, text)
+
+    def log_dict(self, run_id, dictionary, artifact_file):
+        self._answer("dict", artifact_file, dictionary)
+
+    def set_terminated(self, run_id, status=None):
+        self._answer("terminated", status)
+
+    def log_image(self, run_id, image, artifact_file):
+        self._answer("image", artifact_file)
+
+    def log_artifact(self, run_id, local_path, artifact_path=None):
+        self._answer("artifact", artifact_path, Path(local_path).name, Path(local_path).read_bytes()[:4])
+
+    def steps(self) -> list[int]:
+        """The step of each metric batch that reached the store."""
+        return [call[1][0][3] for call in self.calls if call[0] == "batch" and call[1]]
+
+
+def _outage_tracker(client, path: Path, **options) -> Tracker:
+    return Tracker(client, "run", "test://", retries=1, backoff_seconds=0.0, quiet_seconds=0.0, outbox=Outbox(path, **options))
+
+
+def test_an_outage_keeps_every_call_on_disk_and_delivers_them_in_order_when_the_store_answers(tmp_path, caplog):
+    client = _OutageClient()
+    outbox_path = tmp_path / "run" / "tracking_outbox.rank0.jsonl"
+    tracker = _outage_tracker(client, outbox_path)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    client.down = True
+    with caplog.at_level(logging.WARNING, logger="anchorless.platform.tracking.tracker"):
+        for step in range(2, 7):
+            tracker.log_metrics({"loss": 1.0 / step, "lr": float("nan")}, step=step)
+        tracker.set_tags({"phase": "outage"})
+        tracker.log_dict({"AP": 0.5}, "eval/summary.json")
+    assert client.calls and client.steps() == [1]
+    lines = outbox_path.read_text().splitlines()
+    assert len(lines) == 7 and json.loads(lines[0])["metrics"][0][3] == 2  # on disk, one JSON line per call
+    assert "kept in" in caplog.text and "dropped" not in caplog.text
+
+    client.down = False
+    tracker.log_metrics({"loss": 0.1}, step=7)  # the store answers: the backlog goes first, then this
+    assert client.steps() == [1, 2, 3, 4, 5, 6, 7]
+    assert [call[0] for call in client.calls] == ["batch"] * 6 + ["batch", "dict", "batch"]
+    assert client.calls[6][3] == [("phase", "outage")] and client.calls[7][1:] == ("eval/summary.json", {"AP": 0.5})
+    late_nan = client.calls[1][1][1]
+    assert late_nan[0] == "lr" and math.isnan(late_nan[1])
+    # Each late point keeps the time it was logged at, not the time it was delivered.
+    assert client.calls[1][1][0][2] <= client.calls[-1][1][0][2]
+    assert not outbox_path.exists()
+    assert tracker.flush() == {"late": 7, "dropped": 0, "pending": 0} and tracker.dropped_calls == 0
+
+
+def test_what_a_killed_process_left_in_its_outbox_is_delivered_by_the_next_one(tmp_path, caplog):
+    client = _OutageClient()
+    path = tmp_path / "outbox.jsonl"
+    client.down = True
+    first = _outage_tracker(client, path)
+    for step in (1, 2, 3):
+        first.log_metrics({"loss": 1.0}, step=step)
+    with open(path, "a") as handle:  # the kill cut the last line short
+        handle.write('{"call": "log_batch", "metr')
+    client.down = False
+    with caplog.at_level(logging.ERROR, logger="anchorless.platform.tracking.tracker"):
+        restarted = _outage_tracker(client, path)
+    assert "cut short" in caplog.text
+    assert restarted.flush() == {"late": 3, "dropped": 0, "pending": 0}
+    assert client.steps() == [1, 2, 3]
+    assert outbox_counts(path) == {"late": 3, "dropped": 0, "pending": 0}  # what the run summary reads
+
+
+def test_only_an_outbox_past_its_bound_drops_and_says_so_loudly(tmp_path, caplog):
+    client = _OutageClient()
+    client.down = True
+    tracker = _outage_tracker(client, tmp_path / "outbox.jsonl", max_entries=3)
+    with caplog.at_level(logging.ERROR, logger="anchorless.platform.tracking.tracker"):
+        for step in range(1, 6):
+            tracker.log_metrics({"loss": 1.0}, step=step)
+    assert caplog.text.count("LOST") == 2 and "outbox.jsonl is full" in caplog.text
+    client.down = False
+    assert tracker.flush() == {"late": 3, "dropped": 2, "pending": 0}
+    assert client.steps() == [1, 2, 3]
+
+
+def test_a_store_still_down_at_the_end_leaves_the_calls_pending_on_disk(tmp_path, caplog):
+    client = _OutageClient()
+    client.down = True
+    tracker = _outage_tracker(client, tmp_path / "outbox.jsonl")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.finish("FINISHED")
+    with caplog.at_level(logging.ERROR, logger="anchorless.platform.tracking.tracker"):
+        assert tracker.flush() == {"late": 0, "dropped": 0, "pending": 2}
+    assert "2 tracking call(s) still waiting" in caplog.text
+    client.down = False
+    assert _outage_tracker(client, tmp_path / "outbox.jsonl").flush()["late"] == 2
+    assert client.calls[-1] == ("terminated", "FINISHED")
+
+
+def test_the_end_of_a_run_waits_out_an_outage_before_giving_up(tmp_path):
+    client = _OutageClient()
+    client.down = True
+    tracker = _outage_tracker(client, tmp_path / "outbox.jsonl")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    threading.Timer(0.5, lambda: setattr(client, "down", False)).start()  # the store is back half a second later
+    started = time.monotonic()
+    assert tracker.flush(patience_seconds=30) == {"late": 1, "dropped": 0, "pending": 0}
+    assert 0.5 <= time.monotonic() - started < 10 and client.steps() == [1]
+
+
+def test_pictures_logged_during_an_outage_wait_on_disk_beside_the_outbox_and_arrive_after(tmp_path):
+    client = _OutageClient()
+    tracker = _outage_tracker(client, tmp_path / "outbox.jsonl")
+    client.down = True
+    tracker.log_image(np.zeros((4, 6, 3), dtype=np.uint8), "eval/step_9/predictions.png")
+    tracker.log_metrics({"AP": 0.25}, step=9)
+    assert [p.name for p in (tmp_path / "outbox.jsonl.files").rglob("*.png")] == ["predictions.png"]
+    client.down = False
+    tracker.log_image(np.zeros((4, 6, 3), dtype=np.uint8), "eval/step_10/predictions.png")
+    assert [call[:3] for call in client.calls] == [
+        ("artifact", "eval/step_9", "predictions.png"), ("batch", [("AP", 0.25, client.calls[1][1][0][2], 9)], []),
+        ("image", "eval/step_10/predictions.png"),
+    ]  # fmt: skip
+    assert client.calls[0][3] == b"\x89PNG"
+    assert not any((tmp_path / "outbox.jsonl.files").iterdir())  # delivered files are removed
 
 
 def test_an_unreachable_tracking_server_is_a_quick_error_naming_the_uri(tmp_path):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import re
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +17,12 @@ import torch.multiprocessing as mp
 
 from anchorless.platform.config import ScheduleConfig, TrainingConfig
 from anchorless.platform.training.engine import (
+    CheckpointError,
     WarmupSchedule,
     average_batchnorm_statistics,
     build_engine,
     deepspeed_config,
+    load_checkpoint_file,
     load_engine,
     lr_scheduler_factory,
     model_state_dict,
@@ -140,6 +146,87 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_schedule(process_g
         torch.testing.assert_close(tensor, engine.module.state_dict()[name])
     # And the plain weights read back without DeepSpeed.
     for name, tensor in model_state_dict(tmp_path).items():
+        torch.testing.assert_close(tensor, weights[name])
+
+
+def _trained_engine(zero_stage: int, monkeypatch):
+    for key, value in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)  # what Ray Train sets on a worker
+    training = TrainingConfig(zero_stage=zero_stage)
+    ds = deepspeed_config(training, batch_size=2, world_size=1)
+    engine, _ = build_engine(tiny_model(), ds, training.schedule, total_steps=20)
+    for _ in range(2):
+        engine.backward(engine(torch.randn(2, 4)).pow(2).mean())
+        engine.step()
+    return engine, lambda: build_engine(tiny_model(), ds, training.schedule, total_steps=20)[0]
+
+
+class _RunsCode:
+    """A pickled callable: unpickling it with weights_only=False writes ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_every_checkpoint_file_is_read_weights_only_and_one_carrying_a_callable_is_refused_unrun(
+    process_group, tmp_path, monkeypatch, zero_stage
+):
+    engine, fresh_engine = _trained_engine(zero_stage, monkeypatch)
+    save_engine(engine, tmp_path / "good", {"epoch": 1})
+    files = sorted((tmp_path / "good").rglob("*.pt"))
+    for path in files:  # DeepSpeed's own types pass the allow-list; nothing else is needed
+        load_checkpoint_file(path)
+    assert load_engine(fresh_engine(), tmp_path / "good")["epoch"] == 1
+
+    marker = tmp_path / "marker"
+    for path in files:  # each file in turn carries the payload beside what DeepSpeed wrote
+        shutil.copytree(tmp_path / "good", tmp_path / "evil", dirs_exist_ok=True)
+        evil = tmp_path / "evil" / path.relative_to(tmp_path / "good")
+        saved = torch.load(path, weights_only=True, map_location="cpu") if path.name.startswith("mp_") else None
+        torch.save({**(saved or {}), "payload": _RunsCode(marker)}, evil)
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(evil))}: refused to load: .*Unsupported global"):
+            load_engine(fresh_engine(), tmp_path / "evil")
+        if path.name.startswith("mp_"):
+            with pytest.raises(CheckpointError, match=re.escape(str(evil))):
+                model_state_dict(tmp_path / "evil")
+        assert not marker.exists()
+    # The payload is live: loading it the old way would have run it.
+    torch.load(evil, weights_only=False)
+    assert marker.read_text() == "code ran"
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_the_previous_one_still_resumes(
+    process_group, tmp_path, monkeypatch
+):
+    engine, fresh_engine = _trained_engine(1, monkeypatch)
+    save_engine(engine, tmp_path / "epoch1", {"epoch": 1})
+    weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    engine.backward(engine(torch.randn(2, 4)).pow(2).mean())
+    engine.step()
+
+    real_save = torch.save
+    written = []
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        if written:  # the second file of the checkpoint finds the disk full, half-written
+            Path(path).write_bytes(b"half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written.append(path)
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(CheckpointError, match=r"epoch2: cannot write the training checkpoint \(the file system is full\); .*previous checkpoint is intact"):
+        save_engine(engine, tmp_path / "epoch2", {"epoch": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert written and not (tmp_path / "epoch2" / "deepspeed").exists()  # nothing half-written looks like a checkpoint
+
+    resumed = fresh_engine()
+    assert load_engine(resumed, tmp_path / "epoch1")["epoch"] == 1 and resumed.global_steps == 2
+    for name, tensor in resumed.module.state_dict().items():
         torch.testing.assert_close(tensor, weights[name])
 
 

@@ -11,7 +11,7 @@ import pytest
 from anchorless.platform.config import ConfigError, build_config
 from anchorless.errors import DataError
 from anchorless.platform.training.driver import train
-from anchorless.platform.training.plan import RUN_FILE, SUMMARY_FILE, plan_run
+from anchorless.platform.training.plan import DRIVER_OUTBOX, RANK0_OUTBOX, RUN_FILE, SUMMARY_FILE, adopt_start_checkpoint, plan_run
 
 TINY_DETECTOR = {"name": "onenet", "num_classes": 3, "neck": {"channels": [32, 32, 32]}}
 
@@ -179,3 +179,20 @@ def test_the_training_stream_spans_no_more_epochs_than_lie_between_evaluations(o
     cfg = build_config(apply_overrides({"training": {"epochs": 12}}, overrides), source="test")
     plan = SimpleNamespace(val_dir=val_dir, micro_steps_per_epoch=10)
     assert _epochs_between_evaluations(cfg, plan) == expected
+
+
+def test_starting_from_another_runs_checkpoint_discards_own_checkpoints_but_keeps_tracking_calls_waiting(tmp_path):
+    donor = tmp_path / "runs" / "donor" / "checkpoint_epoch0002_step0000010"
+    (donor / "deepspeed").mkdir(parents=True)
+    run_dir = tmp_path / "runs" / "trial"
+    (run_dir / "checkpoint_epoch0001_step0000005").mkdir(parents=True)
+    (run_dir / RUN_FILE).write_text('{"run_id": "abc"}')
+    (run_dir / RANK0_OUTBOX).write_text('{"call": "log_batch", "metrics": [["loss", 1.0, 0, 5]]}\n')
+    (run_dir / f"{RANK0_OUTBOX}.files" / "000000").mkdir(parents=True)
+    (run_dir / DRIVER_OUTBOX).write_text('{"call": "set_terminated", "status": "KILLED"}\n')
+
+    adopt_start_checkpoint(run_dir, donor)
+    assert sorted(path.name for path in run_dir.iterdir()) == sorted(
+        [RUN_FILE, RANK0_OUTBOX, f"{RANK0_OUTBOX}.files", DRIVER_OUTBOX, "start"]
+    )
+    assert (run_dir / RANK0_OUTBOX).read_text().startswith('{"call": "log_batch"')

@@ -1,4 +1,5 @@
-"""Pieces the benchmarks share: the peers' data path over our shards, and scoring."""
+"""Pieces the benchmarks share: the peers' data path over our shards, scoring, and a registered
+model to serve (random weights, no training)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,43 @@ def score_on_split(
         detections += batch_to_original_pixels(predict(images), meta)  # clipped, as the platform scores
         image_ids += meta["image_id"].tolist()
     return score_detections(coco_ground_truth(shard_dir), detections, image_ids, label_to_category).metrics
+
+
+# --- a registered model to serve, without training one ------------------------------------------
+
+CATEGORIES_80 = [{"label": i, "coco_id": i + 1, "name": f"class-{i + 1}"} for i in range(80)]
+
+
+def random_photo(path: Path, *, width: int, height: int, seed: int = 0) -> Path:
+    """A photo-like JPEG (smooth colour fields, not noise, so it compresses as photos do)."""
+    from PIL import Image
+
+    coarse = np.random.default_rng(seed).integers(0, 256, (height // 40 + 2, width // 40 + 2, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(path, format="JPEG", quality=90)
+    return path
+
+
+def register_random_detector(workdir: Path, detector: dict[str, Any], image_size: int, name: str) -> tuple[str, str]:
+    """A randomly initialised detector exported, logged and registered as ``name`` v1 in a new
+    MLflow store under ``workdir``, as training registers one; (tracking URI, ``models:/name/1``)."""
+    from mlflow import MlflowClient
+
+    from anchorless.detectors import build_detector
+    from anchorless.platform.config import build_config
+    from anchorless.platform.models.export import export_checkpoint
+    from anchorless.platform.models.pyfunc import log_and_register
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    cfg = build_config({
+        "name": name, "workspace": str(workdir), "data": {"image_size": image_size}, "detector": detector,
+        "tracking": {"experiment": name, "registered_model": name, "tracking_uri": store},
+    })  # fmt: skip
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    run = client.create_run(client.create_experiment(name, artifact_location=(workdir / "artifacts").as_uri()))
+    torch.manual_seed(0)
+    manifest = {"format": "anchorless-shards", "source": {"annotations": "random", "sha256": "0" * 64}, "categories": CATEGORIES_80}
+    export = export_checkpoint(build_detector(cfg.detector), cfg, manifest, workdir / "model.pt")
+    uri = log_and_register(run.info.run_id, export, cfg, {}, tracking_uri=store)
+    client.set_terminated(run.info.run_id)
+    return store, uri

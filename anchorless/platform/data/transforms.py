@@ -25,8 +25,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from anchorless.platform.config import AugmentConfig
+from anchorless.platform.data.images import PAD_VALUE, letterbox_array, letterbox_factor, resized_shape
 
-PAD_VALUE = 114  # mid-grey: close to the data mean, so padding is near zero once normalised
 MIN_VISIBLE_FRACTION = 0.2  # a cropped box showing less of its object than this is dropped
 MIN_BOX_SIDE = 2.0  # network pixels; thinner boxes carry no learnable signal
 _GRAY_WEIGHTS = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)  # ITU-R 601 luma, as torchvision uses
@@ -142,7 +142,7 @@ def letterbox(
     window (random with ``rng``, else top-left) is cut from the original first,
     so there is only ever one resize and never more pixels than the canvas.
     """
-    factor = size * scale_factor / max(sample.height, sample.width)
+    factor = letterbox_factor(sample.height, sample.width, size, scale_factor)
     out_h, out_w = sample.height * factor, sample.width * factor
     if out_h > size or out_w > size:
         win_h = min(sample.height, max(1, int(round(size / factor))))
@@ -150,8 +150,7 @@ def letterbox(
         top = int(rng.integers(0, sample.height - win_h + 1)) if rng is not None else 0
         left = int(rng.integers(0, sample.width - win_w + 1)) if rng is not None else 0
         sample = crop(sample, top, left, win_h, win_w)
-    new_h = min(size, max(1, int(round(sample.height * factor))))
-    new_w = min(size, max(1, int(round(sample.width * factor))))
+    new_h, new_w = resized_shape(sample.height, sample.width, factor, size)
     if (new_h, new_w) != (sample.height, sample.width):
         scale = sample.scale * factor  # the isotropic factor, not the rounded per-axis one
         sample = replace(resize(sample, new_h, new_w), scale=scale)
@@ -166,12 +165,16 @@ def eval_transform(sample: Sample, size: int) -> Sample:
 
 
 def letterbox_images(images: Sequence[torch.Tensor], image_size: int) -> tuple[torch.Tensor, list[float]]:
-    """(3, H, W) uint8 images → a (B, 3, S, S) uint8 batch and each image's scale (network px / original px)."""
+    """(3, H, W) uint8 images → a (B, 3, S, S) uint8 batch and each image's scale (network px / original px).
+
+    Prediction's letterbox: :func:`~anchorless.platform.data.images.letterbox_array`, the one the
+    torch-free ONNX server uses too, and pixel for pixel :func:`eval_transform`'s.
+    """
     batch, scales = [], []
     for image in images:
-        sample = eval_transform(Sample.create(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)), image_size)
-        batch.append(sample.image)
-        scales.append(float(sample.scale))
+        pixels, scale = letterbox_array(image.permute(1, 2, 0).numpy(), image_size)
+        batch.append(torch.from_numpy(pixels))
+        scales.append(scale)
     return torch.stack(batch), scales
 
 

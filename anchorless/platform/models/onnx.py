@@ -1,22 +1,23 @@
 """A model as one ONNX graph, from image tensor to detections, checked against torch.
 
 The graph takes a float image batch ``(N, 3, S, S)`` in 0-255 at the model's training
-size ``S`` (letterboxed outside, by :func:`~anchorless.platform.data.transforms.letterbox_images`,
+size ``S`` (letterboxed outside, by :func:`~anchorless.platform.data.images.letterbox_array`,
 the helper ``predict`` uses) and returns ``boxes (N, K, 4)`` xyxy in those pixels,
 ``scores (N, K)`` and ``labels (N, K)``, K the model's maximum detections, padded with
 score 0. Normalisation, the network and the decoding are inside: top-k for the NMS-free
 detectors, ONNX's ``NonMaxSuppression`` (what torchvision's NMS exports to) where NMS
 is on. BatchNorm is folded first, as in every served model. The model's categories,
 image size, data manifest checksum and anchorless version ride along in the ONNX
-metadata, so the file is all a deployment needs.
+metadata, so the file is all a deployment needs; running it needs no torch
+(:mod:`.onnx_runtime`).
 
 Every export is run by onnxruntime on real images and compared with torch before it is
-written; a mismatch is an error.
+written; a mismatch is an error. ``--format openvino`` converts the checked graph
+(:mod:`.openvino`) and checks the conversion the same way.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -26,7 +27,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from anchorless import __version__
 from anchorless.errors import AnchorlessError
 from anchorless.files import atomic_path
 from anchorless.platform.data.images import decode_image_bytes, read_image
@@ -34,18 +34,25 @@ from anchorless.platform.data.shards import iter_shard_tables, read_manifest
 from anchorless.platform.data.transforms import letterbox_images
 from anchorless.platform.models.export import ModelError
 from anchorless.platform.models.loading import load_model
+from anchorless.platform.models.onnx_runtime import (
+    INPUT_NAME,
+    ONNX_FILE,
+    OUTPUT_NAMES,
+    first_disagreement,
+    metadata_from_props,
+    onnx_metadata,
+    onnxruntime_session,
+    run_onnx,
+)
+from anchorless.platform.models.openvino import OPENVINO_DIR, export_openvino
 from anchorless.platform.tracking.store import TAG_FORMATS, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
 # Opset 18: the newest every onnxruntime of the last two years runs, and the dynamo
 # exporter's own default (its translations are written against it).
 OPSET = 18
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("boxes", "scores", "labels")
-# Parity on export: the same top detections, boxes within 1e-3 relative, scores within 1e-4.
-BOX_RTOL, SCORE_ATOL = 1e-3, 1e-4
+FORMATS = ("onnx", "openvino")
 
 
 class DetectionGraph(torch.nn.Module):
@@ -58,18 +65,6 @@ class DetectionGraph(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         padded = self.detector.predict_padded(images / 255.0)
         return padded["boxes"], padded["scores"], padded["labels"]
-
-
-def onnx_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
-    """The export's meta as ONNX metadata props (strings; the category table as JSON)."""
-    return {
-        "anchorless.categories": json.dumps(meta["categories"]),
-        "anchorless.image_size": str(int(meta["image_size"])),
-        "anchorless.manifest_sha256": str(meta.get("manifest_sha256") or ""),
-        "anchorless.version": __version__,
-        "anchorless.detector": str(meta["config"]["detector"]["name"]),
-        "anchorless.input": "float32 (N, 3, S, S) RGB in 0-255, letterboxed to S = image_size",
-    }
 
 
 def export_onnx(
@@ -102,8 +97,7 @@ def export_onnx(
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     serialized = proto.SerializeToString()
-    batch, _ = letterbox_images(list(check_images), size)
-    check_parity(graph, serialized, batch.float())
+    check_parity(graph, serialized, check_batch(check_images, size))
     path = Path(out_dir) / ONNX_FILE
     with atomic_path(path, mode=0o644) as tmp:
         tmp.write_bytes(serialized)
@@ -111,61 +105,31 @@ def export_onnx(
     return path
 
 
-def onnxruntime_session(model: bytes | str | os.PathLike[str]):
-    import onnxruntime
+def check_batch(images: Sequence[torch.Tensor], image_size: int) -> torch.Tensor:
+    """(3, H, W) uint8 images as the graph's input: letterboxed, float32 in 0-255."""
+    batch, _ = letterbox_images(list(images), image_size)
+    return batch.float()
 
-    source = model if isinstance(model, bytes) else str(model)
-    return onnxruntime.InferenceSession(source, providers=["CPUExecutionProvider"])
 
-
-def run_onnx(session: Any, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections from an onnxruntime session for a (N, 3, S, S) float32 batch in 0-255."""
-    boxes, scores, labels = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images, np.float32)})
-    return {"boxes": boxes, "scores": scores, "labels": labels}
+def torch_detections(graph: DetectionGraph, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """What the graph must give: torch's padded detections for a check batch."""
+    with torch.inference_mode():
+        return dict(zip(OUTPUT_NAMES, (t.numpy() for t in graph(images))))
 
 
 def check_parity(graph: DetectionGraph, onnx_bytes: bytes, images: torch.Tensor) -> None:
-    """onnxruntime's detections must be torch's (see :func:`unmatched_detections`); raises ModelError."""
-    with torch.inference_mode():
-        want = dict(zip(OUTPUT_NAMES, (t.numpy() for t in graph(images))))
+    """onnxruntime's detections must be torch's (see :func:`.onnx_runtime.unmatched_detections`); raises ModelError."""
+    want = torch_detections(graph, images)
     got = run_onnx(onnxruntime_session(onnx_bytes), images.numpy())
     if got["boxes"].shape != want["boxes"].shape:
         raise ModelError(f"ONNX export: onnxruntime gave boxes {got['boxes'].shape}, torch {want['boxes'].shape}")
-    for image in range(images.shape[0]):
-        one = lambda d: {key: value[image] for key, value in d.items()}  # noqa: E731
-        missing = unmatched_detections(one(got), one(want), image_side=float(images.shape[-1]))
-        if missing:
-            raise ModelError(
-                f"ONNX export: onnxruntime and torch disagree on check image {image} ({missing} of torch's "
-                "detections have no equal in onnxruntime's); the graph was not written"
-            )
-
-
-def unmatched_detections(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], *, image_side: float) -> int:
-    """How many of ``want``'s detections (one image: boxes (K, 4), scores (K,), labels (K,))
-    have no equal in ``got``: the same label, the score within 1e-4 and the box within 1e-3
-    of the image side. Matched as sets, not rank by rank: two detections whose scores differ
-    in the 8th digit may swap places between runtimes. Padding (score 0) and detections
-    within the tolerance of the last one kept (which the other runtime may have cut) are
-    not asked for."""
-    scores = want["scores"]
-    floor = scores[-1] + SCORE_ATOL if scores[-1] > 0 else SCORE_ATOL
-    used = np.zeros(len(got["scores"]), dtype=bool)
-    missing = 0
-    for box, score, label in zip(want["boxes"], scores, want["labels"]):
-        if score <= floor:
-            continue
-        close = (
-            ~used
-            & (got["labels"] == label)
-            & (np.abs(got["scores"] - score) <= SCORE_ATOL)
-            & (np.abs(got["boxes"] - box).max(axis=1) <= BOX_RTOL * image_side)
+    disagreement = first_disagreement(got, want, image_side=float(images.shape[-1]))
+    if disagreement:
+        image, missing = disagreement
+        raise ModelError(
+            f"ONNX export: onnxruntime and torch disagree on check image {image} ({missing} of torch's "
+            "detections have no equal in onnxruntime's); the graph was not written"
         )
-        if close.any():
-            used[np.flatnonzero(close)[0]] = True
-        else:
-            missing += 1
-    return missing
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -173,16 +137,10 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    props = {entry.key: entry.value for entry in proto.metadata_props}
-    if "anchorless.categories" not in props:
+    meta = metadata_from_props({entry.key: entry.value for entry in proto.metadata_props})
+    if meta is None:
         raise ModelError(f"{path}: not an anchorless ONNX export (no anchorless metadata)")
-    return {
-        "categories": json.loads(props["anchorless.categories"]),
-        "image_size": int(props["anchorless.image_size"]),
-        "manifest_sha256": props.get("anchorless.manifest_sha256") or None,
-        "anchorless_version": props.get("anchorless.version"),
-        "detector": props.get("anchorless.detector"),
-    }
+    return meta
 
 
 # --- from a model reference to a file, and back into the registry ------------------------------
@@ -214,25 +172,45 @@ def export_model(
     source: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
+    format: str = "onnx",
     tracking_uri: str | None = None,
     check_image_paths: Sequence[str | os.PathLike[str]] = (),
 ) -> dict[str, Any]:
-    """Export a ``.pt`` export, a run's model or a registered version to ``out_dir/model.onnx``.
+    """Export a ``.pt`` export, a run's model or a registered version to ``out_dir/model.onnx``,
+    and with ``format="openvino"`` also to the OpenVINO IR ``out_dir/model.xml`` (+ ``.bin``)
+    converted from that graph; each file is checked against torch before it is written.
 
     A registered version (``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``) also gets the
-    file added to its logged model, beside the pyfunc, and its formats tag updated, so the
-    registry knows it can be served from ONNX. Returns ``{onnx, model, registered}``.
+    files added to its logged model, beside the pyfunc, and its formats tag updated, so the
+    registry knows it can be served from ONNX. Returns ``{onnx, openvino, model, registered}``.
     """
+    if format not in FORMATS:
+        raise ModelError(f"export format {format!r}: expected one of {', '.join(FORMATS)}")
     model, meta = load_model(source, tracking_uri=tracking_uri)  # BatchNorm folded
-    path = export_onnx(model, meta, out_dir, check_images_from(meta, check_image_paths))
+    images = check_images_from(meta, check_image_paths)
+    path = export_onnx(model, meta, out_dir, images)
+    files = {"onnx": path}
+    if format == "openvino":
+        batch = check_batch(images, int(meta["image_size"]))
+        reference = torch_detections(DetectionGraph(model).eval(), batch)
+        files["openvino"] = export_openvino(path, meta, out_dir, batch.numpy(), reference)
     registered = None
     if isinstance(source, str) and source.startswith("models:/"):
-        registered = add_to_registered_version(source, path, tracking_uri=tracking_uri)
-    return {"onnx": str(path), "model": str(source), "registered": registered}
+        registered = add_to_registered_version(source, files, tracking_uri=tracking_uri)
+    return {
+        "onnx": str(path),
+        "openvino": str(files["openvino"]) if "openvino" in files else None,
+        "model": str(source),
+        "registered": registered,
+    }
 
 
-def add_to_registered_version(model_uri: str, onnx_path: Path, *, tracking_uri: str | None = None) -> str:
-    """Log ``onnx_path`` into the logged model of the version ``model_uri`` names; returns NAME/VERSION."""
+def add_to_registered_version(model_uri: str, files: Mapping[str, Path], *, tracking_uri: str | None = None) -> str:
+    """Log exported ``files`` ({"onnx": model.onnx, "openvino": model.xml}) into the logged model
+    of the version ``model_uri`` names and add their formats to its tag; returns NAME/VERSION.
+
+    The ONNX graph lands at the logged model's top (``model.onnx`` beside ``MLmodel``), the
+    OpenVINO pair under ``openvino/``."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -251,8 +229,13 @@ def add_to_registered_version(model_uri: str, onnx_path: Path, *, tracking_uri: 
     # The logged model behind the version: its id, or the one its source URI names (models:/m-...).
     model_id = version.model_id or (version.source or "").removeprefix("models:/").split("/")[0]
     if not model_id.startswith("m-"):
-        raise ModelError(f"{model_uri}: the version has no logged model to add the ONNX graph to ({version.source})")
-    client.log_model_artifact(model_id, str(onnx_path))
-    formats = sorted({*(version.tags or {}).get(TAG_FORMATS, "pyfunc").split(","), "onnx"})
+        raise ModelError(f"{model_uri}: the version has no logged model to add the exported files to ({version.source})")
+    for format, path in files.items():
+        if format == "openvino":
+            for part in (Path(path), Path(path).with_suffix(".bin")):
+                client.log_model_artifact(model_id, str(part), artifact_path=OPENVINO_DIR)
+        else:
+            client.log_model_artifact(model_id, str(path))
+    formats = sorted({*(version.tags or {}).get(TAG_FORMATS, "pyfunc").split(","), *files})
     client.set_model_version_tag(version.name, version.version, TAG_FORMATS, ",".join(formats))
     return f"{version.name}/{version.version}"

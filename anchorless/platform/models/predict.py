@@ -22,6 +22,7 @@ from anchorless.files import atomic_path, write_json_atomic
 from anchorless.platform.data.drawing import draw_coco_detections
 from anchorless.platform.data.images import read_image
 from anchorless.platform.data.transforms import letterbox_images
+from anchorless.platform.models.detections import original_pixels
 from anchorless.platform.models.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,13 @@ DETECTIONS_FILE = "detections.json"
 def to_original_pixels(
     detection: Mapping[str, torch.Tensor], scale: float, width: int, height: int, score_threshold: float = 0.0
 ) -> dict[str, torch.Tensor]:
-    """Network-pixel detections → original pixels, clipped to the image (the letterbox padding is not image)."""
-    boxes = torch.as_tensor(detection["boxes"]).detach().float().cpu().reshape(-1, 4) / float(scale)  # (N, 4)
-    scores = torch.as_tensor(detection["scores"]).detach().float().cpu().reshape(-1)  # (N,)
-    labels = torch.as_tensor(detection["labels"]).detach().cpu().reshape(-1).long()  # (N,)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    keep = (scores >= score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+    """Network-pixel detections → original pixels, clipped to the image (the letterbox padding is not image).
+
+    :func:`~anchorless.platform.models.detections.original_pixels` on tensors: one definition
+    for every path, the torch-free ONNX server's included."""
+    arrays = [torch.as_tensor(detection[key]).detach().cpu().numpy() for key in ("boxes", "scores", "labels")]
+    kept = original_pixels(*arrays, scale, width, height, score_threshold)
+    return {key: torch.from_numpy(value) for key, value in kept.items()}
 
 
 def batch_to_original_pixels(

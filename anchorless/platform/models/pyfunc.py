@@ -9,9 +9,10 @@ so images of any size go through one schema; :func:`images_frame` builds it from
 paths. Its output is one row per detection: ``image_index`` (row of the input),
 ``category_id``, ``category_name``, ``score`` and ``x, y, width, height`` in the
 original image's pixels. The param ``score_threshold`` (default 0.3) filters.
-Loading it needs ``anchorless`` importable (``pyfunc_entry.py`` is logged as
-"models from code" and imports this module), so serve it from this project's
-environment (``--env-manager local``).
+Request and answer are :mod:`.detections`', which the ONNX model server
+(:mod:`.onnx_pyfunc`) shares. Loading it needs ``anchorless`` importable
+(``pyfunc_entry.py`` is logged as "models from code" and imports this module), so
+serve it from this project's environment (``--env-manager local``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ import pandas as pd
 
 from anchorless.errors import DataError
 from anchorless.platform.data.images import decode_image_bytes
+from anchorless.platform.models.detections import (
+    IMAGE_COLUMN,
+    detections_frame,
+    encoded_images,
+    example_input,
+    pinned_requirements,
+    pyfunc_signature,
+    score_threshold,
+)
 from anchorless.platform.models.export import model_from_export, read_export
 from anchorless.platform.models.predict import detect
 from anchorless.platform.tracking.store import TAG_MANIFEST_SHA256, mlflow_store, resolve_tracking_uri
@@ -38,7 +48,6 @@ log = logging.getLogger(__name__)
 
 MLFLOW_MODEL_NAME = "model"  # the logged model's name within its run: runs:/<run>/model
 PYFUNC_ARTIFACT = "export"
-OUTPUT_COLUMNS = ("image_index", "category_id", "category_name", "score", "x", "y", "width", "height")
 
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
@@ -46,53 +55,12 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self.model, self.meta = model_from_export(read_export(context.artifacts[PYFUNC_ARTIFACT]))
-        self.label_to_category = {c["label"]: c["coco_id"] for c in self.meta["categories"]}
-        self.names = {c["coco_id"]: c["name"] for c in self.meta["categories"]}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        threshold = float((params or {}).get("score_threshold", 0.3))
-        column = model_input["image"] if hasattr(model_input, "columns") else model_input
-        images = [decode_image_bytes(bytes(data), f"input row {row}") for row, data in enumerate(column)]
-        detections = detect(self.model, images, image_size=self.meta["image_size"], score_threshold=threshold)
-        rows = []
-        for index, detection in enumerate(detections):
-            columns = (detection["boxes"].tolist(), detection["scores"].tolist(), detection["labels"].tolist())
-            for box, score, label in zip(*columns):
-                category_id = self.label_to_category[int(label)]
-                x0, y0, x1, y1 = box
-                rows.append((index, category_id, self.names[category_id], float(score), x0, y0, x1 - x0, y1 - y0))
-        frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
-        return frame.astype({"image_index": "int64", "category_id": "int64", "score": "float64"})
-
-
-def pyfunc_signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema([ColSpec("binary", "image")]),
-        outputs=Schema(
-            [
-                ColSpec("long", "image_index"),
-                ColSpec("long", "category_id"),
-                ColSpec("string", "category_name"),
-                ColSpec("double", "score"),
-                *(ColSpec("double", name) for name in ("x", "y", "width", "height")),
-            ]
-        ),
-        params=ParamSchema([ParamSpec("score_threshold", "double", 0.3)]),
-    )
-
-
-def example_input() -> pd.DataFrame:
-    """A one-row input: a small grey PNG."""
-    from io import BytesIO
-
-    from PIL import Image
-
-    buffer = BytesIO()
-    Image.new("RGB", (48, 32), (114, 114, 114)).save(buffer, format="PNG")
-    return pd.DataFrame({"image": [buffer.getvalue()]})
+        encoded = encoded_images(model_input)
+        images = [decode_image_bytes(data, f"input row {row}") for row, data in enumerate(encoded)]
+        detections = detect(self.model, images, image_size=self.meta["image_size"], score_threshold=score_threshold(params))
+        return detections_frame(detections, self.meta["categories"])
 
 
 def images_frame(paths: Sequence[str | os.PathLike[str]]):
@@ -103,20 +71,7 @@ def images_frame(paths: Sequence[str | os.PathLike[str]]):
             data.append(Path(path).read_bytes())
         except OSError as exc:
             raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    return pd.DataFrame({"image": data})
-
-
-def _pip_requirements() -> list[str]:
-    """Pinned to what is running, so the loader needs no requirement inference (slow, guesses)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for package in ("anchorless", "torch", "torchvision", "mlflow", "pandas", "numpy", "pillow"):
-        try:
-            pins.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            pins.append(package)
-    return pins
+    return pd.DataFrame({IMAGE_COLUMN: data})
 
 
 def metric_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
@@ -175,7 +130,7 @@ def log_and_register(
             artifacts={PYFUNC_ARTIFACT: str(export_path)},
             signature=pyfunc_signature(),
             input_example=example_input(),  # MLflow predicts on it once: the logged model is known to work
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pinned_requirements("anchorless", "torch", "torchvision", "mlflow", "pandas", "numpy", "pillow"),
             metadata={"categories": payload["categories"], TAG_MANIFEST_SHA256: payload.get("manifest_sha256")},
         )
         name = cfg.tracking.registered_model

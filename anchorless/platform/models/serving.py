@@ -2,7 +2,10 @@
 
 ``anchorless models serve shapes-onenet@champion`` runs ``mlflow models serve`` on the
 model's pyfunc flavour (see :mod:`.pyfunc`), in this environment (``--env-manager
-local``), on 127.0.0.1 unless told otherwise. The request is MLflow's JSON:
+local``), on 127.0.0.1 unless told otherwise. With ``--format onnx`` it serves the
+version's ONNX graph (added by ``anchorless export``) in onnxruntime instead, through a
+pyfunc model written for it in a temporary directory (:mod:`.onnx_pyfunc`), and the
+server's process never imports torch. The request is MLflow's JSON:
 ``{"dataframe_split": {"columns": ["image"], "data": [["<base64 image bytes>"], ...]}}``
 (:func:`request_body` builds it); the answer, ``{"predictions": [...]}``, has one record
 per detection in the original image's pixels, as ``anchorless predict`` finds them.
@@ -16,6 +19,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: exposing a model is a decision, not a default
 READY_TIMEOUT_S = 180.0
+SERVE_FORMATS = ("torch", "onnx")
 
 
 class ServeError(AnchorlessError):
@@ -61,6 +66,50 @@ def free_port(host: str = DEFAULT_HOST) -> int:
         return sock.getsockname()[1]
 
 
+def served_model(reference: str, *, format: str, tracking_uri: str, workdir: str | os.PathLike[str]) -> str:
+    """What ``mlflow models serve`` is given: the reference's MLflow URI (``torch``), or (``onnx``)
+    a pyfunc model written in ``workdir`` over the reference's ONNX graph."""
+    model_uri = registry_uri(reference)
+    if format == "torch":
+        return model_uri
+    if format != "onnx":
+        raise ServeError(f"serve format {format!r}: expected one of {', '.join(SERVE_FORMATS)}")
+    from anchorless.platform.models.onnx_pyfunc import save_onnx_pyfunc
+
+    graph = fetch_onnx_graph(model_uri, tracking_uri=tracking_uri, dst=workdir)
+    return str(save_onnx_pyfunc(graph, Path(workdir) / "onnx-pyfunc"))
+
+
+def fetch_onnx_graph(model_uri: str, *, tracking_uri: str, dst: str | os.PathLike[str]) -> Path:
+    """The ``model.onnx`` of a model: a file or directory as given, else downloaded from the
+    logged model an MLflow URI names (``anchorless export`` puts it there) into ``dst``."""
+    from anchorless.platform.models.onnx_runtime import ONNX_FILE
+
+    local = Path(model_uri)
+    if local.exists():
+        graph = local / ONNX_FILE if local.is_dir() else local
+        if not graph.is_file():
+            raise ServeError(f"{model_uri}: no {ONNX_FILE} here; write one with `anchorless export --format onnx`")
+        return graph
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from anchorless.platform.tracking.store import mlflow_store
+
+    try:
+        with mlflow_store(tracking_uri):  # models:/ URIs resolve through MLflow's process-wide registry URI
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{model_uri.rstrip('/')}/{ONNX_FILE}", dst_path=str(dst),
+                tracking_uri=tracking_uri, registry_uri=tracking_uri,
+            )  # fmt: skip
+    except (MlflowException, OSError) as exc:
+        raise ServeError(
+            f"{model_uri} has no ONNX graph to serve ({str(exc).splitlines()[0][:200]}); add one with "
+            f"`anchorless export --model {model_uri} --format onnx --out DIR`"
+        ) from None
+    return Path(path)
+
+
 def _server_env(tracking_uri: str) -> dict[str, str]:
     """MLflow's store for ``models:/`` URIs; this interpreter's scripts first on PATH, since
     MLflow starts its web server (uvicorn) by name and the environment may not be activated."""
@@ -86,6 +135,7 @@ class Server:
     process: subprocess.Popen
     url: str
     log_path: Path
+    workdir: Path | None = None  # what the server serves from (the ONNX pyfunc), removed on stop
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.process.poll() is None:
@@ -95,6 +145,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "Server":
         return self
@@ -107,6 +159,7 @@ def start_server(
     reference: str,
     *,
     tracking_uri: str,
+    format: str = "torch",
     host: str = DEFAULT_HOST,
     port: int | None = None,
     workers: int = 1,
@@ -115,15 +168,21 @@ def start_server(
 ) -> Server:
     """Start serving ``reference`` (see :func:`registry_uri`) and wait until it answers ``/ping``.
 
-    ``models:/`` URIs resolve against ``tracking_uri``. The server's output goes to
-    ``log_path`` (default: a new file in the temp directory).
+    ``models:/`` URIs resolve against ``tracking_uri``. ``format``: ``torch`` (the pyfunc
+    model) or ``onnx`` (the version's ONNX graph in onnxruntime, see :func:`served_model`).
+    The server's output goes to ``log_path`` (default: a new file in the temp directory).
     """
-    model_uri = registry_uri(reference)
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix="anchorless-serve-"))
+    try:
+        model_uri = served_model(reference, format=format, tracking_uri=tracking_uri, workdir=workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     port = port or free_port(host)
     env = _server_env(tracking_uri)
     if log_path is None:
-        import tempfile
-
         handle, log_path = tempfile.mkstemp(prefix="anchorless-serve-", suffix=".log")
         os.close(handle)  # reopened below; the descriptor mkstemp returns would leak
     log_path = Path(log_path)
@@ -132,21 +191,22 @@ def start_server(
             serve_command(model_uri, host=host, port=port, workers=workers),
             stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
-    server = Server(process, f"http://{host}:{port}", log_path)
+    server = Server(process, f"http://{host}:{port}", log_path, workdir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServeError(f"{model_uri}: the model server exited ({process.returncode}): {_last_words(log_path)}")
+            server.stop()
+            raise ServeError(f"{reference}: the model server exited ({process.returncode}): {_last_words(log_path)}")
         try:
             with urllib.request.urlopen(f"{server.url}/ping", timeout=2) as response:
                 if response.status == 200:
-                    log.info("serving %s at %s/invocations", model_uri, server.url)
+                    log.info("serving %s (%s) at %s/invocations", reference, format, server.url)
                     return server
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
     server.stop()
-    raise ServeError(f"{model_uri}: the model server did not answer within {timeout:.0f} s: {_last_words(log_path)}")
+    raise ServeError(f"{reference}: the model server did not answer within {timeout:.0f} s: {_last_words(log_path)}")
 
 
 def _last_words(log_path: Path, lines: int = 5) -> str:
@@ -185,12 +245,24 @@ def post(url: str, body: bytes, *, timeout: float = 60.0) -> tuple[int, Any]:
             return error.code, {"message": text}
 
 
-def serve(reference: str, *, tracking_uri: str, host: str = DEFAULT_HOST, port: int = 5000, workers: int = 1) -> int:
+def serve(
+    reference: str,
+    *,
+    tracking_uri: str,
+    format: str = "torch",
+    host: str = DEFAULT_HOST,
+    port: int = 5000,
+    workers: int = 1,
+) -> int:
     """Serve in the foreground until interrupted; the server's output goes to the console."""
-    model_uri = registry_uri(reference)
-    env = _server_env(tracking_uri)
-    print(f"serving {model_uri} at http://{host}:{port}/invocations (Ctrl-C stops)", flush=True)
-    try:
-        return subprocess.run(serve_command(model_uri, host=host, port=port, workers=workers), env=env).returncode
-    except KeyboardInterrupt:
-        return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="anchorless-serve-") as workdir:
+        model_uri = served_model(reference, format=format, tracking_uri=tracking_uri, workdir=workdir)
+        env = _server_env(tracking_uri)
+        served = registry_uri(reference) + (" (its ONNX graph, in onnxruntime)" if format == "onnx" else "")
+        print(f"serving {served} at http://{host}:{port}/invocations (Ctrl-C stops)", flush=True)
+        try:
+            return subprocess.run(serve_command(model_uri, host=host, port=port, workers=workers), env=env).returncode
+        except KeyboardInterrupt:
+            return 0

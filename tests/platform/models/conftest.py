@@ -1,7 +1,10 @@
-"""A tiny trained-looking detector, exported and registered once for the models tests."""
+"""A tiny trained-looking detector, exported, registered and exported for deployment once for the models tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +91,31 @@ def registered(trained) -> Registered:
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
     return Registered(tracker, uri, run_uri, export)
+
+
+@dataclass
+class Exported:
+    out: Path  # the export folder: model.onnx, model.xml, model.bin
+    summary: dict  # export's JSON line
+    photos: list  # two JPEG files of different sizes, for the served models
+
+
+@pytest.fixture(scope="package")
+def exported(registered, trained, tmp_path_factory) -> Exported:
+    """``anchorless export --format openvino`` of ``models:/shapes/1`` (so also its ONNX graph),
+    run once through the command line; the version gets both beside its pyfunc."""
+    from anchorless.jobs.cli import main
+
+    _, _, image_path, root = trained
+    out = tmp_path_factory.mktemp("exported")
+    rng = np.random.default_rng(1)
+    photos = []
+    for name, (height, width) in {"wide.jpg": (48, 80), "tall.jpg": (90, 40)}.items():
+        photos.append(out / name)
+        Image.fromarray(rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)).save(photos[-1], quality=95)
+    args = ["export", "--model", registered.uri, "--format", "openvino", "--out", str(out / "deploy"),
+            "--check-images", str(image_path), *map(str, photos), "--tracking-uri", registered.tracker.tracking_uri]  # fmt: skip
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(args) == 0
+    return Exported(out / "deploy", json.loads(printed.getvalue().strip().splitlines()[-1]), photos)

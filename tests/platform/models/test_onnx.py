@@ -1,6 +1,8 @@
-"""`anchorless export --format onnx`: one graph from image tensor to detections, equal to torch."""
+"""`anchorless export --format onnx|openvino`: one graph from image tensor to detections, equal to torch."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import onnx
 import pytest
@@ -12,13 +14,13 @@ from anchorless.platform.data.transforms import letterbox_images
 from anchorless.platform.models.export import ModelError
 from anchorless.platform.models.onnx import (
     DetectionGraph,
+    check_batch,
     check_parity,
     export_onnx,
-    onnxruntime_session,
     read_onnx_metadata,
-    run_onnx,
-    unmatched_detections,
+    torch_detections,
 )
+from anchorless.platform.models.onnx_runtime import onnxruntime_session, run_onnx, unmatched_detections
 from tests.platform.models.conftest import MANIFEST
 
 SIZE = 64
@@ -48,10 +50,23 @@ def _images(seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in ((48, 80), (70, 40), (64, 64))]
 
 
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """name -> (tiny model, its exported graph), each exported once (an export takes seconds)."""
+    cache: dict[str, tuple[torch.nn.Module, Path]] = {}
+
+    def graph(name: str) -> tuple[torch.nn.Module, Path]:
+        if name not in cache:
+            model = _model(name)
+            cache[name] = model, export_onnx(model, _meta(model), tmp_path_factory.mktemp(name), _images(0)[:2])
+        return cache[name]
+
+    return graph
+
+
 @pytest.mark.parametrize("name", ["onenet", "centernet", "fcos"])
-def test_the_graph_runs_in_onnxruntime_like_torch_with_any_batch_and_carries_its_meta(name, tmp_path):
-    model = _model(name)
-    path = export_onnx(model, _meta(model), tmp_path, _images(0)[:2])
+def test_the_graph_runs_in_onnxruntime_like_torch_with_any_batch_and_carries_its_meta(name, graphs):
+    model, path = graphs(name)
 
     meta = read_onnx_metadata(path)
     assert meta["categories"] == MANIFEST["categories"] and meta["image_size"] == SIZE and meta["detector"] == name
@@ -71,9 +86,8 @@ def test_the_graph_runs_in_onnxruntime_like_torch_with_any_batch_and_carries_its
         assert (got["scores"][image, len(want["scores"]):] == 0).all()  # padding beyond torch's detections
 
 
-def test_a_graph_that_disagrees_with_torch_is_refused(tmp_path):
-    model = _model("onenet")
-    path = export_onnx(model, _meta(model), tmp_path, _images(0)[:1])
+def test_a_graph_that_disagrees_with_torch_is_refused(graphs):
+    _, path = graphs("onenet")
     other = _model("onenet")
     with torch.no_grad():
         other.head.cls_score.bias.add_(1.0)  # the same network with other scores
@@ -82,21 +96,48 @@ def test_a_graph_that_disagrees_with_torch_is_refused(tmp_path):
         check_parity(DetectionGraph(other), path.read_bytes(), batch.float())
 
 
+def test_openvino_converts_the_nms_graph_and_a_conversion_that_disagrees_with_torch_is_not_written(graphs, tmp_path):
+    import openvino
+
+    from anchorless.platform.models.openvino import compile_cpu, export_openvino, read_openvino_metadata, run_openvino
+
+    model, onnx_path = graphs("fcos")  # FCOS: NonMaxSuppression, the op most likely to convert badly
+    batch = check_batch(_images(0)[:2], SIZE)
+    reference = torch_detections(DetectionGraph(model), batch)
+    wrong = {**reference, "scores": reference["scores"] * 0.5}
+    with pytest.raises(ModelError, match="OpenVINO and torch disagree on check image 0"):
+        export_openvino(onnx_path, _meta(model), tmp_path, batch.numpy(), wrong)
+    assert not (tmp_path / "model.xml").exists() and not (tmp_path / "model.bin").exists()
+
+    path = export_openvino(onnx_path, _meta(model), tmp_path, batch.numpy(), reference)
+    assert path == tmp_path / "model.xml" and (tmp_path / "model.bin").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    meta = read_openvino_metadata(openvino.Core().read_model(str(path)))
+    assert meta["categories"] == MANIFEST["categories"] and meta["image_size"] == SIZE and meta["detector"] == "fcos"
+    other = check_batch(_images(1), SIZE)  # three images: another batch size than checked with
+    got, want = run_openvino(compile_cpu(path), other.numpy()), torch_detections(DetectionGraph(model), other)
+    for image in range(3):
+        one = lambda d: {key: value[image] for key, value in d.items()}  # noqa: E731
+        assert (want["scores"][image] > 0).sum() > 0
+        assert unmatched_detections(one(got), one(want), image_side=SIZE) == 0
+
+
 @pytest.mark.slow
-def test_export_of_a_registered_version_adds_the_graph_beside_its_pyfunc(registered, trained, tmp_path, capsys):
+def test_export_of_a_registered_version_adds_the_graph_and_the_ir_beside_its_pyfunc(registered, exported, capsys):
     from mlflow import MlflowClient
 
     from anchorless.jobs.cli import main
 
-    _, _, image_path, _ = trained
+    assert exported.summary["registered"] == "shapes/1"
+    assert {path.name for path in exported.out.iterdir()} == {"model.onnx", "model.xml", "model.bin"}
     uri = registered.tracker.tracking_uri
-    code = main(["export", "--model", "models:/shapes/1", "--out", str(tmp_path), "--check-images", str(image_path),
-                 "--tracking-uri", uri])  # fmt: skip
-    assert code == 0 and (tmp_path / "model.onnx").is_file()
     client = MlflowClient(uri)
     version = client.get_model_version("shapes", "1")
-    assert version.tags["anchorless.formats"] == "onnx,pyfunc"
+    assert version.tags["anchorless.formats"] == "onnx,openvino,pyfunc"
     model_id = version.model_id or version.source.removeprefix("models:/")
     assert "model.onnx" in {item.path for item in client.list_logged_model_artifacts(model_id)}
+    assert {item.path for item in client.list_logged_model_artifacts(model_id, "openvino")} == {
+        "openvino/model.xml", "openvino/model.bin"
+    }
     assert main(["models", "list", "shapes", "--tracking-uri", uri]) == 0
-    assert "onnx,pyfunc" in capsys.readouterr().out
+    assert "onnx,openvino,pyfunc" in capsys.readouterr().out

@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/train_overhead.py
+	$(BIN)/python bench/export.py
 
 # Hours, not minutes: three detectors trained on BCCD for 30 minutes each.
 bench-accuracy: $(STAMP)

@@ -61,6 +61,45 @@ class AugmentConfig(_Section):
         return value
 
 
+class MultiscaleConfig(_Section):
+    """Multi-scale training: each optimizer step's batch is resized to one size of ``sizes``.
+
+    The pipeline still letterboxes every image to ``data.image_size`` (with its scale
+    jitter); the worker then resizes the whole batch (boxes with it) to the step's size,
+    drawn from (training.seed, step) alone, so every rank uses the same size at a step.
+    Sizes above ``data.image_size`` upscale its canvas: set ``data.image_size`` to the largest
+    for full detail. Evaluation stays at ``data.image_size``.
+    """
+
+    enabled: bool = False
+    sizes: list[int] = Field(
+        default_factory=lambda: [416, 448, 480, 512, 544, 576, 608],
+        description="input sides drawn uniformly per step, each a multiple of 32",
+    )
+
+    @field_validator("sizes")
+    @classmethod
+    def _sides(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("needs at least one size")
+        bad = [side for side in value if side < 32 or side % 32]
+        if bad:
+            raise ValueError(f"every size must be a multiple of 32 and >= 32 (the largest stride), got {bad}")
+        return value
+
+
+class MixupConfig(_Section):
+    """Mixup for detection: two training images blended, the boxes of both kept.
+
+    The blend weight is drawn from Beta(alpha, alpha). No detector loss here takes per-box
+    weights, so both images' boxes train at full weight, as YOLOX does.
+    """
+
+    enabled: bool = False
+    prob: float = Field(0.5, ge=0.0, le=1.0, description="probability that an image is mixed with another")
+    alpha: float = Field(1.5, gt=0.0, description="Beta(alpha, alpha) blend weight; 1.5 as in YOLOv4/ScaledYOLO")
+
+
 class DataConfig(_Section):
     """Where the shards are and how images reach the detector."""
 
@@ -70,6 +109,8 @@ class DataConfig(_Section):
     batch_size: int = Field(8, ge=1, description="images per worker per step")
     max_boxes: int = Field(100, ge=1, description="boxes kept per image (padded to this)")
     augment: AugmentConfig = AugmentConfig()
+    multiscale: MultiscaleConfig = MultiscaleConfig()
+    mixup: MixupConfig = MixupConfig()
     decode_concurrency: int | None = Field(
         None, ge=1, description="parallel decode/augment tasks; None lets Ray decide"
     )
@@ -106,6 +147,12 @@ class ScheduleConfig(_Section):
     kind: Literal["cosine", "step", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0, description="linear warmup steps from warmup_factor*lr")
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    warmup_seconds: float | None = Field(
+        None,
+        gt=0.0,
+        description="with training.time_budget_minutes: warm up over this many training seconds instead of "
+        "warmup_steps steps",
+    )
     milestones: list[float] = Field(
         default_factory=lambda: [0.67, 0.89],
         description="step schedule: fractions of the total steps where lr is multiplied by gamma",
@@ -124,6 +171,19 @@ class CheckpointConfig(_Section):
         description="where Ray Train keeps the checkpoints: a directory or a URI such as s3://bucket/runs "
         "(every node must reach it; S3 endpoint from $AWS_ENDPOINT_URL); None = <workspace>/runs",
     )
+
+
+class EmaConfig(_Section):
+    """An exponential moving average of the weights (and BatchNorm statistics).
+
+    Updated after every optimizer step with decay ``decay * (1 - exp(-updates / tau))``
+    (small at first, so early weights are forgotten); when enabled it is the model that is
+    evaluated, checkpointed and exported.
+    """
+
+    enabled: bool = False
+    decay: float = Field(0.9998, gt=0.0, lt=1.0, description="the decay once warmed up")
+    tau: float = Field(2000.0, gt=0.0, description="updates over which the decay ramps up (1 - exp(-t/tau))")
 
 
 class TrainingConfig(_Section):
@@ -153,6 +213,14 @@ class TrainingConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    ema: EmaConfig = EmaConfig()
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="sigmoid focal classification targets become eps/2 and 1-eps/2 (OneNet, FCOS); "
+        "detectors without such a loss (Gaussian heatmaps, quality focal loss) refuse a non-zero value",
+    )
     checkpoint: CheckpointConfig = CheckpointConfig()
     max_failures: int = Field(2, ge=0, description="worker-group restarts before the run fails")
     seed: int = 0
@@ -164,7 +232,8 @@ class TrainingConfig(_Section):
         None,
         gt=0.0,
         description="stop once this much training time is spent (evaluation excluded): the partial "
-        "epoch is evaluated and checkpointed; the LR schedule still spans `epochs`",
+        "epoch is evaluated and checkpointed; the LR schedule (warmup aside, see schedule.warmup_seconds) "
+        "runs over the budget's seconds instead of `epochs`",
     )
 
     @model_validator(mode="after")
@@ -173,6 +242,15 @@ class TrainingConfig(_Section):
             raise ValueError("precision=fp16 needs use_gpu=true; on CPU use fp32 or bf16")
         if self.sync_batchnorm and not self.use_gpu:
             raise ValueError("sync_batchnorm=true needs use_gpu=true (torch's SyncBatchNorm syncs GPU tensors only)")
+        warmup_seconds = self.schedule.warmup_seconds
+        if warmup_seconds is not None:
+            if self.time_budget_minutes is None:
+                raise ValueError("schedule.warmup_seconds needs time_budget_minutes (without a budget warm up by warmup_steps)")
+            if warmup_seconds >= self.time_budget_minutes * 60:
+                raise ValueError(
+                    f"schedule.warmup_seconds={warmup_seconds:g} is not shorter than the "
+                    f"time_budget_minutes={self.time_budget_minutes:g} budget"
+                )
         return self
 
 

@@ -26,13 +26,22 @@ def penalty_reduced_focal_loss(
 
 
 class FocalLoss(nn.Module):
-    """Sigmoid focal loss (torchvision) over logits and {0,1} targets of the same shape."""
+    """Sigmoid focal loss (torchvision) over logits and {0,1} targets of the same shape.
 
-    def __init__(self, *, weight: float = 1.0, alpha: float = 0.25, gamma: float = 2.0) -> None:
+    ``label_smoothing`` (eps) turns the targets into eps/2 and 1 - eps/2; torchvision's loss
+    takes such soft targets as they are.
+    """
+
+    def __init__(
+        self, *, weight: float = 1.0, alpha: float = 0.25, gamma: float = 2.0, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.weight, self.alpha, self.gamma = weight, alpha, gamma
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, normalizer: Normalizer) -> torch.Tensor:
+        if self.label_smoothing:
+            targets = targets * (1 - self.label_smoothing) + self.label_smoothing / 2
         loss = sigmoid_focal_loss(logits, targets, alpha=self.alpha, gamma=self.gamma, reduction="sum")
         return weighted_sum(loss, self.weight, normalizer)
 

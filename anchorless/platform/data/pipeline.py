@@ -33,6 +33,11 @@ execution. Within an execution Ray Data decodes ahead of the consumer until the
 pipeline's object-store budget is spent (~1.2 GB measured with 512 px BCCD on
 this 2-CPU machine), which is why a run caps the passes at its epochs.
 
+Mixup (``data.mixup``) blends an image with another of its decode block, drawn
+with the same seeding (:mod:`anchorless.platform.data.mixup`). Multi-scale
+training (``data.multiscale``) happens on the worker, per batch
+(:func:`multiscale_size`, :func:`resize_batch`): the pipeline ships one shape.
+
 Augmentation is random per (seed, pass, image id), so an image's augmentation
 does not depend on which task decodes it, and each pass draws new ones. The pass
 counts on across executions (Ray Data's execution index, the one its seeded
@@ -45,7 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +59,7 @@ import torch
 from anchorless.platform.config import AugmentConfig, DataConfig
 from anchorless.errors import DataError
 from anchorless.platform.data.images import decode_image_bytes
+from anchorless.platform.data.mixup import mix_samples
 from anchorless.platform.data.shards import read_manifest, resolve_location
 from anchorless.platform.data.transforms import Sample, eval_transform, train_transform
 
@@ -122,6 +128,7 @@ def build_dataset(
         "max_boxes": data_cfg.max_boxes,
         "augment": augment.model_dump() if augment is not None else None,
         "seed": seed,
+        "mixup": data_cfg.mixup.model_dump() if train and data_cfg.mixup.enabled else None,
     }
     compute = ray.data.TaskPoolStrategy(size=data_cfg.decode_concurrency)
     cached = _should_cache(manifest, data_cfg.cache_encoded)
@@ -247,8 +254,10 @@ def decode_and_transform(
     augment: dict[str, Any] | None,
     seed: int,
     epoch: int | None = None,
+    mixup: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decode a block of shard rows and transform each image; fixed-shape numpy columns out."""
+    """Decode a block of shard rows and transform each image (mixing some with another of the
+    block when ``mixup`` is given); fixed-shape numpy columns out."""
     global _threads_set
     if not _threads_set:  # one decode task per CPU: torch must not fan out inside it
         torch.set_num_threads(1)
@@ -278,6 +287,10 @@ def decode_and_transform(
                 seed=seed,
                 epoch=epoch,
             )
+        )
+    if mixup is not None:
+        samples = mix_samples(
+            samples, [int(i) for i in image_ids], prob=mixup["prob"], alpha=mixup["alpha"], seed=seed, epoch=epoch
         )
     return pack_samples(
         samples,
@@ -410,6 +423,27 @@ def to_model_inputs(
         if key in batch
     }
     return images, targets, meta
+
+
+def multiscale_size(sizes: Sequence[int], *, seed: int, step: int) -> int:
+    """The input side of optimizer step ``step`` (``data.multiscale``): a function of the seed
+    and the step alone, so every rank resizes its batch to the same size."""
+    return int(sizes[np.random.default_rng([seed, step]).integers(len(sizes))])
+
+
+def resize_batch(
+    images: torch.Tensor, targets: list[dict[str, torch.Tensor]], size: int
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """A letterboxed (B, 3, S, S) batch and its targets resized to ``size``; boxes scale with it.
+
+    The content sits at the top-left of every canvas, so one factor moves all boxes.
+    """
+    canvas = images.shape[-1]
+    if size == canvas:
+        return images, targets
+    resized = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=size < canvas)
+    factor = size / canvas
+    return resized, [{**target, "boxes": target["boxes"] * factor} for target in targets]
 
 
 def steps_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:

@@ -53,6 +53,10 @@ _log = logging.getLogger("anchorless.engine")
 # Every Ray Train checkpoint directory holds one DeepSpeed checkpoint under this tag.
 CHECKPOINT_SUBDIR = "deepspeed"
 CHECKPOINT_TAG = "state"
+# The EMA of the weights (training.ema) in a checkpoint's client state, which DeepSpeed keeps in
+# rank 0's model-states file beside the trained weights.
+EMA_WEIGHTS_KEY = "ema_module"
+EMA_UPDATES_KEY = "ema_updates"
 # DeepSpeed prints a line every `steps_per_print` steps; progress is ours to show.
 _NEVER = 2**31 - 1
 
@@ -102,14 +106,20 @@ def deepspeed_config(training: TrainingConfig, *, batch_size: int, world_size: i
     }
 
 
-@dataclass(frozen=True)
+@dataclass
 class WarmupSchedule:
     """Learning-rate factor after ``step`` optimizer steps out of ``total_steps``.
 
     Linear warmup from ``warmup_factor`` to 1 over ``warmup_steps``, multiplied with the
     main schedule over the whole run: cosine from 1 to ``min_lr_ratio``, a step schedule
-    multiplying by ``gamma`` at each milestone (fractions of ``total_steps``), or constant.
-    A dataclass rather than a closure so ``LambdaLR.state_dict`` can save it.
+    multiplying by ``gamma`` at each milestone (fractions of the run), or constant.
+
+    With a time budget (``budget_seconds``) the run's length is seconds, not steps: the
+    main schedule's progress is ``seconds / budget_seconds``, where ``seconds`` is the
+    training time so far that the worker sets after every step (:func:`set_schedule_clock`,
+    a value all ranks agree on), and the warmup runs over ``warmup_seconds`` when given
+    (else still ``warmup_steps``). The LR is at its final value once the budget is spent.
+    A dataclass rather than a closure so ``LambdaLR.state_dict`` can save it (``seconds`` too).
     """
 
     total_steps: int
@@ -119,9 +129,14 @@ class WarmupSchedule:
     milestones: tuple[float, ...] = ()
     gamma: float = 0.1
     min_lr_ratio: float = 0.0
+    budget_seconds: float | None = None
+    warmup_seconds: float | None = None
+    seconds: float = 0.0  # training seconds so far; read only with a budget
 
     @classmethod
-    def from_config(cls, schedule: ScheduleConfig, total_steps: int) -> "WarmupSchedule":
+    def from_config(
+        cls, schedule: ScheduleConfig, total_steps: int, budget_seconds: float | None = None
+    ) -> "WarmupSchedule":
         return cls(
             total_steps=max(1, total_steps),
             kind=schedule.kind,
@@ -130,26 +145,51 @@ class WarmupSchedule:
             milestones=tuple(schedule.milestones),
             gamma=schedule.gamma,
             min_lr_ratio=schedule.min_lr_ratio,
+            budget_seconds=budget_seconds,
+            warmup_seconds=schedule.warmup_seconds if budget_seconds else None,
         )
 
     def __call__(self, step: int) -> float:
-        progress = min(step, self.total_steps) / self.total_steps
+        if self.budget_seconds:
+            progress = min(self.seconds, self.budget_seconds) / self.budget_seconds
+        else:
+            progress = min(step, self.total_steps) / self.total_steps
         if self.kind == "cosine":
             factor = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         elif self.kind == "step":
             factor = self.gamma ** sum(progress >= milestone for milestone in self.milestones)
         else:
             factor = 1.0
-        if step < self.warmup_steps:
-            alpha = step / self.warmup_steps
-            factor *= self.warmup_factor * (1 - alpha) + alpha
-        return factor
+        if self.warmup_seconds:
+            warmup = min(1.0, self.seconds / self.warmup_seconds)
+        else:
+            warmup = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
+        return factor * (self.warmup_factor * (1 - warmup) + warmup)
 
 
-def lr_scheduler_factory(schedule: ScheduleConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+def lr_scheduler_factory(
+    schedule: ScheduleConfig, total_steps: int, budget_seconds: float | None = None
+) -> Callable[[torch.optim.Optimizer], Any]:
     """What ``deepspeed.initialize(lr_scheduler=...)`` calls with the optimizer it built."""
-    factor = WarmupSchedule.from_config(schedule, total_steps)
+    factor = WarmupSchedule.from_config(schedule, total_steps, budget_seconds)
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_schedule_clock(scheduler: torch.optim.lr_scheduler.LambdaLR, seconds: float) -> list[float]:
+    """Tell a budgeted schedule the training seconds spent and apply the LR that follows now.
+
+    DeepSpeed steps the scheduler inside ``engine.step()``, before the worker knows the
+    step's time; re-applying here makes the next step's LR follow the clock without a
+    step's lag, so the LR is at its final value the moment the budget is spent. ``seconds``
+    must be the same on every rank. Returns the LRs now in force.
+    """
+    lrs = []
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        factor.seconds = seconds
+        group["lr"] = lr = base_lr * factor(scheduler.last_epoch)
+        lrs.append(lr)
+    scheduler._last_lr = lrs  # what get_last_lr() reports (logging, checkpoints' metrics)
+    return lrs
 
 
 def quiet_deepspeed() -> None:
@@ -164,7 +204,11 @@ def quiet_deepspeed() -> None:
 
 
 def build_engine(
-    model: torch.nn.Module, ds_config: dict[str, Any], schedule: ScheduleConfig, total_steps: int
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    schedule: ScheduleConfig,
+    total_steps: int,
+    budget_seconds: float | None = None,
 ) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler]:
     """Wrap ``model`` in a DeepSpeed engine; the process group must already exist (Ray Train made it)."""
     quiet_deepspeed()
@@ -177,7 +221,7 @@ def build_engine(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config,
-            lr_scheduler=lr_scheduler_factory(schedule, total_steps),
+            lr_scheduler=lr_scheduler_factory(schedule, total_steps, budget_seconds),
         )
     engine.checkpoint_engine = _weights_only_checkpoint_engine(engine.checkpoint_engine)
     if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
@@ -321,15 +365,16 @@ def model_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """The detector's weights from a checkpoint directory, without DeepSpeed or a process group.
 
     With ZeRO 0/1/2 rank 0's model-states file holds the whole module; under bf16/fp16
-    its tensors are in that precision and are returned as float32.
+    its tensors are in that precision and are returned as float32. A run with
+    ``training.ema`` on saved the EMA beside them, and the EMA is what is returned: the
+    model that was evaluated is the one exported.
     """
     states = Path(checkpoint_dir) / CHECKPOINT_SUBDIR / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: not a training checkpoint (no {states.relative_to(checkpoint_dir)})")
     saved = load_checkpoint_file(states)
-    return {
-        name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in saved["module"].items()
-    }
+    weights = saved.get(EMA_WEIGHTS_KEY) or saved["module"]
+    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anchorless.detectors import build_detector
 from anchorless.errors import AnchorlessError, DataError
 from anchorless.platform.config import ConfigError, ExperimentConfig
 from anchorless.platform.data.pipeline import steps_per_epoch
 from anchorless.platform.data.shards import read_manifest, resolve_location
 from anchorless.platform.training.engine import CHECKPOINT_SUBDIR, deepspeed_config
+from anchorless.platform.training.tricks import apply_label_smoothing
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +158,8 @@ def plan_run(cfg: ExperimentConfig, *, restart: bool = False, start_from: str | 
             f"data.batch_size={cfg.data.batch_size} x training.grad_accum={cfg.training.grad_accum} per step"
         )
     ds_config = deepspeed_config(cfg.training, batch_size=cfg.data.batch_size, world_size=world_size)
+    if cfg.training.label_smoothing:  # refused here, before any worker starts, by a detector without a focal loss
+        apply_label_smoothing(build_detector(cfg.detector), cfg.training.label_smoothing)
 
     run_dir = runs_root(cfg) / name
     storage_filesystem, storage_path = _checkpoint_storage(cfg)

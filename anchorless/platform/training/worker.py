@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from anchorless.detectors import build_detector
 from anchorless.platform.config import ExperimentConfig
-from anchorless.platform.data.pipeline import EpochStream, to_model_inputs
+from anchorless.platform.data.pipeline import EpochStream, multiscale_size, resize_batch, to_model_inputs
 from anchorless.platform.data.shards import coco_ground_truth
 from anchorless.platform.evaluation.metrics import score_detections
 from anchorless.platform.evaluation.plots import log_evaluation
@@ -52,9 +52,11 @@ from anchorless.platform.training.engine import (
     build_engine,
     load_engine,
     save_engine,
+    set_schedule_clock,
     training_autocast,
 )
 from anchorless.platform.training.plan import Fault, WorkerPlan
+from anchorless.platform.training.tricks import WeightEma, apply_label_smoothing
 
 STATE_FILE = "anchorless_state.json"
 NUM_SAMPLE_IMAGES = 8  # validation images drawn with their detections in MLflow
@@ -93,6 +95,7 @@ class WorkerRun:
     state: LoopState
     stream: EpochStream
     val_shard: Any
+    ema: WeightEma | None = None  # training.ema: the model scored, saved and exported
     tracker: Tracker | None = None  # rank 0 only
     progress: ProgressSender | None = None  # rank 0 only
     # Rank 0's per-step logging (an MLflow write, a queue put) runs beside training, in order.
@@ -104,9 +107,16 @@ class WorkerRun:
     def images_per_step(self) -> int:
         return self.cfg.data.batch_size * self.world_size
 
+    @property
+    def scored_model(self) -> torch.nn.Module:
+        """The model that is evaluated and exported: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.engine.module
+
     def evaluate(self, epoch: int) -> dict[str, Any]:
         """Validation metrics (rank 0; ``{}`` elsewhere) of the model as it will be saved."""
         average_batchnorm_statistics(self.engine.module)  # every rank scores, and rank 0 saves, the same model
+        if self.ema is not None:  # its statistics are each rank's own too (see tricks.WeightEma)
+            average_batchnorm_statistics(self.ema.module)
         if self.val_shard is not None:
             self.stream.close()  # its paused decode tasks hold CPU slots the validation stream needs
         return _evaluate(self, epoch)
@@ -154,9 +164,12 @@ def _start(cfg: ExperimentConfig, plan: WorkerPlan) -> tuple[WorkerRun, ray.trai
     forward_worker_warnings(plan.progress_queue, rank)
 
     model = build_detector(cfg.detector)
+    apply_label_smoothing(model, training.label_smoothing)
     if training.sync_batchnorm and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    engine, scheduler = build_engine(model.to(device), plan.deepspeed_config, training.schedule, plan.total_steps)
+    budget_s = training.time_budget_minutes * 60.0 if training.time_budget_minutes else None
+    engine, scheduler = build_engine(model.to(device), plan.deepspeed_config, training.schedule, plan.total_steps, budget_s)
+    ema = WeightEma(engine.module, training.ema) if training.ema.enabled else None
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     started_elsewhere = checkpoint is None and plan.start_checkpoint is not None
@@ -167,6 +180,10 @@ def _start(cfg: ExperimentConfig, plan: WorkerPlan) -> tuple[WorkerRun, ray.trai
             saved = load_keeping_hyperparameters(engine, scheduler, checkpoint_dir)
         state.epoch, state.nonfinite_steps = saved["epoch"], saved.get("nonfinite_steps", 0)
         state.train_seconds = saved.get("train_seconds", 0.0)
+        if ema is not None:
+            ema.load_state(saved)  # a checkpoint without an EMA: it starts from the loaded weights
+    if budget_s is not None:
+        set_schedule_clock(scheduler, state.train_seconds)  # the same saved value on every rank
 
     # One stream for the whole run: with the split cached, a Ray Data execution spans many epochs.
     stream = EpochStream(
@@ -179,7 +196,7 @@ def _start(cfg: ExperimentConfig, plan: WorkerPlan) -> tuple[WorkerRun, ray.trai
     run = WorkerRun(
         cfg=cfg, plan=plan, rank=rank, world_size=world_size, engine=engine, scheduler=scheduler,
         forward_precision=training_autocast(training, device), state=state, stream=stream,
-        val_shard=ray.train.get_dataset_shard("val"),
+        val_shard=ray.train.get_dataset_shard("val"), ema=ema,
     )  # fmt: skip
     if rank == 0:
         run.tracker = Tracker.attach(cfg, plan.run_id, plan.tracking_uri, outbox=Outbox(plan.outbox) if plan.outbox else None)
@@ -196,7 +213,9 @@ def _train_one_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, Any] | None,
 
     A non-finite averaged loss stops every rank together (``on_nonfinite: stop``, the
     returned dict is the run's result) or skips the step; the time budget ends the
-    epoch early on every rank at the same step.
+    epoch early on every rank at the same step, and its clock drives the LR schedule.
+    With ``data.multiscale`` each step's batch is resized to that step's size; with
+    ``training.ema`` the EMA is updated after each optimizer step.
     """
     cfg, engine, state = run.cfg, run.engine, run.state
     training = cfg.training
@@ -205,10 +224,13 @@ def _train_one_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, Any] | None,
     state.epoch_start = window_start = tick = time.perf_counter()
     window_steps = 0
     out_of_time = False
+    multiscale = cfg.data.multiscale
     for images, targets, _ in _timed(run.stream.epoch(), state):
+        step = engine.global_steps + 1
+        if multiscale.enabled:  # every rank draws the same size: a function of (seed, step) alone
+            images, targets = resize_batch(images, targets, multiscale_size(multiscale.sizes, seed=training.seed, step=step))
         with run.forward_precision:
             losses = engine(images, targets)
-        step = engine.global_steps + 1
         losses = _maybe_inject_fault(run.plan.fault, losses, rank=run.rank, step=step)
         averaged = _mean_over_ranks(losses)
         bad = [name for name, value in averaged.items() if not math.isfinite(value)]
@@ -223,6 +245,8 @@ def _train_one_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, Any] | None,
             continue
         engine.backward(losses["loss"])
         engine.step()
+        if run.ema is not None and engine.global_steps == step:  # an optimizer step, not an accumulation
+            run.ema.update(engine.module)
         state.add(averaged)
         window_steps += 1
         if run.rank == 0 and engine.is_gradient_accumulation_boundary() and engine.global_steps % training.log_every_steps == 0:
@@ -233,7 +257,10 @@ def _train_one_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, Any] | None,
         now = time.perf_counter()
         state.train_seconds, tick = state.train_seconds + now - tick, now
         if budget_s is not None and state.micro_steps % training.grad_accum == 0:
-            out_of_time = _on_every_rank(state.train_seconds >= budget_s)
+            # Every rank reads the same clock: the LR follows it, and all stop at the same step.
+            elapsed = _agreed_seconds(state.train_seconds)
+            set_schedule_clock(run.scheduler, elapsed)
+            out_of_time = elapsed >= budget_s
             if out_of_time:
                 break
         if cfg.evaluation.every_steps and engine.global_steps % cfg.evaluation.every_steps == 0:
@@ -282,7 +309,7 @@ def _evaluate_and_checkpoint(run: WorkerRun, epoch: int, *, out_of_time: bool) -
         return
     with tempfile.TemporaryDirectory(prefix="anchorless-ckpt-") as tmp:
         client_state = {"epoch": state.epoch, "nonfinite_steps": state.nonfinite_steps, "train_seconds": state.train_seconds}
-        save_engine(engine, tmp, client_state)
+        save_engine(engine, tmp, {**client_state, **(run.ema.state() if run.ema is not None else {})})
         if run.rank == 0:
             state_json = {**client_state, "step": engine.global_steps, "run_id": run.plan.run_id, "metrics": metrics}
             Path(tmp, STATE_FILE).write_text(json.dumps(state_json, indent=2, default=float))
@@ -359,14 +386,15 @@ def _timed(batches: Iterator[Any], state: LoopState) -> Iterator[Any]:
         yield batch
 
 
-def _on_every_rank(flag: bool) -> bool:
-    """True on every rank when it is true on any: ranks must stop at the same step or the
-    next collective hangs (their clocks differ by a few milliseconds)."""
+def _agreed_seconds(seconds: float) -> float:
+    """The largest of the ranks' training seconds, on every rank: their clocks differ by a few
+    milliseconds, and ranks must take the same LR and stop at the same step (or the next
+    collective hangs)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([float(flag)])
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return float(value.item())
 
 
 def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -416,7 +444,7 @@ def _evaluate(run: WorkerRun, epoch: int) -> dict[str, Any]:
     if run.val_shard is None:
         return {}
     cfg, engine = run.cfg, run.engine
-    model = engine.module
+    model = run.scored_model
     dtype = next(model.parameters()).dtype
     predictions: list[tuple[int, dict[str, Any]]] = []  # (image id, detections in original pixels)
     samples: list[dict[str, Any]] = []

@@ -85,6 +85,13 @@ def test_a_detector_class_count_that_disagrees_with_the_manifest_is_a_config_err
         plan_run(_cfg(tmp_path, shards, detector={**TINY_DETECTOR, "num_classes": 80}))
 
 
+def test_label_smoothing_on_a_detector_without_a_focal_loss_is_refused_before_any_worker_starts(tmp_path, shards):
+    centernet = {"name": "centernet", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}}
+    with pytest.raises(ConfigError, match=r"training\.label_smoothing=0\.1: CenterNet has no sigmoid focal"):
+        plan_run(_cfg(tmp_path, shards, detector=centernet, training={"label_smoothing": 0.1}))
+    assert plan_run(_cfg(tmp_path, shards, training={"label_smoothing": 0.1})).total_steps > 0  # OneNet has one
+
+
 def test_too_few_images_for_workers_times_batch_is_a_config_error(tmp_path, shards):
     with pytest.raises(ConfigError, match=r"16 images: too few for 4 workers x data.batch_size=8"):
         plan_run(_cfg(tmp_path, shards, data={"batch_size": 8}, training={"num_workers": 4}))

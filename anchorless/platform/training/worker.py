@@ -392,7 +392,7 @@ def _agreed_seconds(seconds: float) -> float:
     collective hangs)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return seconds
-    value = torch.tensor([seconds], dtype=torch.float64)
+    value = torch.tensor([seconds], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return float(value.item())
 
@@ -400,11 +400,19 @@ def _agreed_seconds(seconds: float) -> float:
 def _mean_over_ranks(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     """Each loss term averaged over ranks, in one all-reduce; every rank gets the same numbers."""
     names = sorted(losses)
-    values = torch.stack([losses[name].detach().float().reshape(()) for name in names]).cpu()  # (T,)
+    values = torch.stack([losses[name].detach().float().reshape(()) for name in names])  # (T,)
     if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.to(_collective_device())
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return dict(zip(names, values.tolist()))
+
+
+def _collective_device() -> torch.device:
+    """Where a small all-reduce's tensor must live: NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _nonfinite_message(bad: list[str], averaged: dict[str, float], *, step: int, epoch: int) -> str:

@@ -8,18 +8,26 @@ of the served models, pixel for pixel the evaluation letterbox
 The module imports no torch: the ONNX model server decodes with :func:`decode_image_array` and
 letterboxes with :func:`letterbox_array` on numpy alone, so serving an ONNX graph needs neither
 torch nor torchvision.
+
+Every decoder here reads the image's header first and refuses one declaring more than
+:data:`~anchorless.platform.data.coco.DEFAULT_MAX_IMAGE_PIXELS` pixels (the bound ``data
+shard`` applies, :func:`~anchorless.platform.data.coco.check_pixels`) before any pixel is
+decoded: an upload to a served model cannot make it allocate gigabytes.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from anchorless.errors import DataError
+from anchorless.platform.data.coco import DEFAULT_MAX_IMAGE_PIXELS, check_pixels
 
 if TYPE_CHECKING:
     import torch
@@ -30,17 +38,23 @@ PAD_VALUE = 114  # mid-grey: close to the data mean, so padding is near zero onc
 # --- decoding ----------------------------------------------------------------------------------
 
 
-def decode_image_bytes(data: bytes | torch.Tensor, name: str) -> torch.Tensor:
+def decode_image_bytes(
+    data: bytes | torch.Tensor, name: str, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> torch.Tensor:
     """Encoded image bytes (or a uint8 tensor of them) → (3, H, W) uint8 RGB, upright.
 
     The one decoder of the project (shards in the data pipeline, prediction on files, the
     MLflow model's inputs), so every path sees the same pixels: EXIF orientation applied
     (annotations are drawn on the upright picture), grayscale and CMYK converted to RGB,
-    an alpha channel dropped.
+    an alpha channel dropped. An image whose header declares more than ``max_pixels``
+    pixels is refused before decoding (:func:`check_image_header`); None skips the check,
+    for bytes already checked (shards are, when written).
     """
     import torch
     from torchvision.io import ImageReadMode, decode_image
 
+    if max_pixels is not None:
+        check_image_header(data if isinstance(data, bytes) else data.numpy(), name, max_pixels)
     encoded = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         return decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
@@ -48,27 +62,53 @@ def decode_image_bytes(data: bytes | torch.Tensor, name: str) -> torch.Tensor:
         pass
     # torchvision decodes JPEG/PNG/GIF/WebP; PIL covers the rest (BMP, TIFF, ...).
     raw = data if isinstance(data, bytes) else encoded.numpy().tobytes()
-    return torch.from_numpy(decode_image_array(raw, name)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(decode_image_array(raw, name, max_pixels=None)).permute(2, 0, 1).contiguous()
 
 
-def decode_image_array(data: bytes, name: str) -> np.ndarray:
+def decode_image_array(data: bytes, name: str, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Encoded image bytes → (H, W, 3) uint8 RGB, upright, with PIL alone (no torch).
 
     The same pixels as :func:`decode_image_bytes` (both use libjpeg-turbo and zlib; the
-    tests hold them equal on JPEG, PNG, grayscale, palette, alpha and EXIF-turned images).
+    tests hold them equal on JPEG, PNG, grayscale, palette, alpha and EXIF-turned images),
+    and the same bound on the pixels, checked before decoding.
     """
-    from io import BytesIO
+    from PIL import ImageOps
 
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    with _open_encoded(data, name) as image:
+        if max_pixels is not None:
+            check_pixels(image.size, max_pixels, name)  # the header's size: nothing is decoded yet
+        try:
+            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{name}: cannot decode image ({exc})") from None
+    return rgb.copy()  # writable, as torch.from_numpy wants
 
-    if not data:
+
+def check_image_header(data: bytes | np.ndarray, name: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    """A :class:`DataError` for encoded bytes whose header declares more than ``max_pixels``
+    pixels, or that no decoder here can read; only the header is read, nothing is decoded."""
+    with _open_encoded(data, name) as image:
+        size = image.size  # PIL opens lazily: the header only
+    check_pixels(size, max_pixels, name)
+
+
+def _open_encoded(data: bytes | np.ndarray, name: str):
+    """PIL's lazy ``Image.open`` on encoded bytes; :class:`DataError` where it finds no image.
+
+    PIL's decompression-bomb warning is silenced: :func:`check_pixels` is the bound, and
+    PIL's own ceiling (twice its limit) stays an error as a second line."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not len(data):
         raise DataError(f"{name}: empty, no image bytes")
     try:
-        with Image.open(BytesIO(data)) as image:
-            rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name}: image is too large to decode safely ({exc}); not decoded") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{name}: cannot decode image ({exc})") from None
-    return rgb.copy()  # writable, as torch.from_numpy wants
 
 
 def read_image(path: str | os.PathLike[str]) -> torch.Tensor:

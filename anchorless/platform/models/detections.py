@@ -13,7 +13,8 @@ ONNX model server (:mod:`.onnx_pyfunc`), so every path answers alike:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import contextlib
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,19 @@ def encoded_images(model_input: Any) -> list[bytes]:
             raise DataError(f"the input has no {IMAGE_COLUMN!r} column (columns: {list(model_input.columns)})")
         model_input = model_input[IMAGE_COLUMN]
     return [bytes(data) for data in model_input]
+
+
+@contextlib.contextmanager
+def bad_request_errors() -> Iterator[None]:
+    """A request the model cannot use (:class:`DataError`: not an image, too many pixels, no
+    ``image`` column) raised as MLflow's invalid-parameter error, which its scoring server
+    answers with HTTP 400 and this message (any other error gets a generic one)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except DataError as exc:
+        raise MlflowException.invalid_parameter_value(str(exc)) from None
 
 
 def detections_frame(detections: Sequence[Mapping[str, Any]], categories: Sequence[Mapping[str, Any]]) -> pd.DataFrame:

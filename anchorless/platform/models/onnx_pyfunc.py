@@ -8,8 +8,11 @@ imported, so the serving environment needs onnxruntime, numpy, Pillow, pandas an
 only. The model states on the server's output, once loaded and once after its first
 request, whether torch has been imported in its process (it must not have been).
 
-:func:`save_onnx_pyfunc` writes the MLflow model (a directory) for a ``model.onnx``;
-``onnx_pyfunc_entry.py`` is its "model from code".
+:func:`save_onnx_pyfunc` writes the MLflow model (a directory) for a ``model.onnx``: the graph
+as its data (``data/model.onnx``) and this module as its loader, which MLflow imports by name
+from the environment and calls :func:`_load_pyfunc` of (MLflow's custom loader module), so the
+model directory holds no code. It is written at serve time and never registered, so there is
+no older form of it to load.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from anchorless.platform.models.detections import (
+    bad_request_errors,
     detections_frame,
     encoded_images,
     example_input,
@@ -31,7 +35,6 @@ from anchorless.platform.models.detections import (
 )
 from anchorless.platform.models.onnx_runtime import OnnxDetector
 
-ONNX_ARTIFACT = "onnx"
 TORCH_REPORT = "anchorless ONNX model"  # the start of the line it prints, which tests read
 
 
@@ -39,16 +42,17 @@ def torch_imported() -> bool:
     return "torch" in sys.modules
 
 
-class OnnxDetectorPyfunc(mlflow.pyfunc.PythonModel):
+class OnnxDetectorPyfunc:
     """Encoded images in, detections in original pixels out, from an ONNX graph in onnxruntime."""
 
-    def load_context(self, context) -> None:
-        self.detector = OnnxDetector(context.artifacts[ONNX_ARTIFACT])
+    def __init__(self, onnx_path: str | Path) -> None:
+        self.detector = OnnxDetector(onnx_path)
         self.answered = False
         self._report("loaded")
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        detections = self.detector.detect_encoded(encoded_images(model_input), score_threshold=score_threshold(params))
+    def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        with bad_request_errors():
+            detections = self.detector.detect_encoded(encoded_images(model_input), score_threshold=score_threshold(params))
         if not self.answered:
             self.answered = True
             self._report("answered its first request")
@@ -62,12 +66,17 @@ class OnnxDetectorPyfunc(mlflow.pyfunc.PythonModel):
               file=sys.stderr, flush=True)  # fmt: skip
 
 
+def _load_pyfunc(data_path: str) -> OnnxDetectorPyfunc:
+    """MLflow's entry: the model serving the graph at ``data_path`` (the model's ``data/model.onnx``)."""
+    return OnnxDetectorPyfunc(data_path)
+
+
 def save_onnx_pyfunc(onnx_path: str | Path, out_dir: str | Path) -> Path:
     """Write the MLflow pyfunc model serving ``onnx_path`` to the new directory ``out_dir``."""
     mlflow.pyfunc.save_model(
         path=str(out_dir),
-        python_model=str(Path(__file__).with_name("onnx_pyfunc_entry.py")),  # loads without unpickling
-        artifacts={ONNX_ARTIFACT: str(onnx_path)},
+        loader_module=__name__,  # imported from the environment: the model directory holds data only
+        data_path=str(onnx_path),
         signature=pyfunc_signature(),
         input_example=example_input(),  # MLflow predicts on it once: the model is known to load and answer
         pip_requirements=pinned_requirements("anchorless", "onnxruntime", "mlflow", "pandas", "numpy", "pillow"),

@@ -2,7 +2,11 @@
 
 ``anchorless models serve shapes-onenet@champion`` runs ``mlflow models serve`` on the
 model's pyfunc flavour (see :mod:`.pyfunc`), in this environment (``--env-manager
-local``), on 127.0.0.1 unless told otherwise. With ``--format onnx`` it serves the
+local``), on 127.0.0.1 unless told otherwise. The logged model is downloaded first and its
+``MLmodel`` checked (:func:`~.pyfunc.check_logged_model`): the server loads the checked copy,
+whose code is the installed package's, and a model that would run code from the artifact
+store (or one logged by an older anchorless as "models from code") is refused with a
+message. With ``--format onnx`` it serves the
 version's ONNX graph (added by ``anchorless export``) in onnxruntime instead, through a
 pyfunc model written for it in a temporary directory (:mod:`.onnx_pyfunc`), and the
 server's process never imports torch. The request is MLflow's JSON:
@@ -67,17 +71,41 @@ def free_port(host: str = DEFAULT_HOST) -> int:
 
 
 def served_model(reference: str, *, format: str, tracking_uri: str, workdir: str | os.PathLike[str]) -> str:
-    """What ``mlflow models serve`` is given: the reference's MLflow URI (``torch``), or (``onnx``)
-    a pyfunc model written in ``workdir`` over the reference's ONNX graph."""
+    """What ``mlflow models serve`` is given, a local directory: (``torch``) the reference's
+    logged model, downloaded into ``workdir`` and checked to load only the installed package's
+    code, or (``onnx``) a pyfunc model written in ``workdir`` over the reference's ONNX graph."""
     model_uri = registry_uri(reference)
     if format == "torch":
-        return model_uri
+        from mlflow.exceptions import MlflowException
+
+        from anchorless.platform.models.pyfunc import check_logged_model
+
+        try:
+            local = Path(model_uri) if Path(model_uri).exists() else _download(model_uri, tracking_uri=tracking_uri, dst=workdir)
+        except (MlflowException, OSError) as exc:
+            raise ServeError(f"{model_uri}: cannot be fetched ({str(exc).splitlines()[0][:200]})") from None
+        check_logged_model(local)  # the server loads this very copy: nothing can change it in between
+        return str(local)
     if format != "onnx":
         raise ServeError(f"serve format {format!r}: expected one of {', '.join(SERVE_FORMATS)}")
     from anchorless.platform.models.onnx_pyfunc import save_onnx_pyfunc
 
     graph = fetch_onnx_graph(model_uri, tracking_uri=tracking_uri, dst=workdir)
     return str(save_onnx_pyfunc(graph, Path(workdir) / "onnx-pyfunc"))
+
+
+def _download(artifact_uri: str, *, tracking_uri: str, dst: str | os.PathLike[str]) -> Path:
+    """An MLflow artifact (a logged model, or a file in one) downloaded into ``dst``."""
+    import mlflow.artifacts
+
+    from anchorless.platform.tracking.store import mlflow_store
+
+    with mlflow_store(tracking_uri):  # models:/ URIs resolve through MLflow's process-wide registry URI
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=str(dst), tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
+        )
 
 
 def fetch_onnx_graph(model_uri: str, *, tracking_uri: str, dst: str | os.PathLike[str]) -> Path:
@@ -91,23 +119,15 @@ def fetch_onnx_graph(model_uri: str, *, tracking_uri: str, dst: str | os.PathLik
         if not graph.is_file():
             raise ServeError(f"{model_uri}: no {ONNX_FILE} here; write one with `anchorless export --format onnx`")
         return graph
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    from anchorless.platform.tracking.store import mlflow_store
-
     try:
-        with mlflow_store(tracking_uri):  # models:/ URIs resolve through MLflow's process-wide registry URI
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{model_uri.rstrip('/')}/{ONNX_FILE}", dst_path=str(dst),
-                tracking_uri=tracking_uri, registry_uri=tracking_uri,
-            )  # fmt: skip
+        return _download(f"{model_uri.rstrip('/')}/{ONNX_FILE}", tracking_uri=tracking_uri, dst=dst)
     except (MlflowException, OSError) as exc:
         raise ServeError(
             f"{model_uri} has no ONNX graph to serve ({str(exc).splitlines()[0][:200]}); add one with "
             f"`anchorless export --model {model_uri} --format onnx --out DIR`"
         ) from None
-    return Path(path)
 
 
 def _server_env(tracking_uri: str) -> dict[str, str]:

@@ -14,6 +14,7 @@ from anchorless.platform.models.onnx_pyfunc import TORCH_REPORT
 from anchorless.platform.models.onnx_runtime import BOX_RTOL, SCORE_ATOL, unmatched_detections
 from anchorless.platform.models.predict import predict_images
 from anchorless.platform.models.serving import ServeError, post, registry_uri, request_body, start_server
+from tests.platform.data.test_decode_bound import jpeg_claiming
 
 PREDICT_ROUNDING = 0.01  # predict writes boxes to 2 decimals (scores to 5)
 
@@ -30,7 +31,7 @@ def test_the_onnx_model_server_code_imports_no_torch():
     code = (
         "import sys\n"
         "import mlflow.pyfunc.scoring_server\n"
-        "import anchorless.platform.models.onnx_pyfunc_entry\n"
+        "import anchorless.platform.models.onnx_pyfunc\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision') or m.startswith('anchorless.detectors'))\n"
         "assert not heavy, heavy\n"
     )  # fmt: skip
@@ -91,11 +92,13 @@ def test_served_model_answers_like_predict_and_refuses_bad_requests_with_400(for
             "not an image": request_body([b"plain text, not pixels"]),
             "no body": b"",
             "wrong column": json.dumps({"dataframe_split": {"columns": ["picture"], "data": [["aGk="]]}}).encode(),
+            "too many pixels": request_body([photos[0], jpeg_claiming(20_000, 12_000)]),  # 720 MB if decoded
         }
         for what, body in bad_requests.items():
             status, answer = post(server.url, body)
             assert 400 <= status < 500, (what, status, answer)
             assert answer.get("message"), what
+        assert "input row 1: image is 20000x12000 = 240,000,000 pixels, above the limit" in answer["message"]
         status, _ = post(server.url, request_body(photos[:1]))
         assert status == 200  # still serving after the bad requests
 

@@ -187,7 +187,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 def _tile(row: dict[str, Any], names: dict[int, str]) -> Image.Image:
     """One sampled image, fitted to the tile width, its boxes drawn in class colours (crowd
     boxes thin), under a caption with its id, size and box count."""
-    pixels = decode_image_bytes(row["image"], f"image id {row['image_id']} (shard image bytes)")
+    pixels = decode_image_bytes(row["image"], f"image id {row['image_id']} (shard image bytes)", max_pixels=None)
     image = Image.fromarray(to_hwc_uint8(pixels))
     factor = TILE / max(image.width, image.height)
     image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.BILINEAR)

@@ -273,7 +273,8 @@ def decode_and_transform(
     samples = []
     for row in range(batch.num_rows):
         image_id = int(image_ids[row])
-        image = decode_image_bytes(encoded[row], f"image id {image_id} (shard image bytes)")
+        # No pixel bound: `data shard` applied it (with its own --max-image-pixels) when writing.
+        image = decode_image_bytes(encoded[row], f"image id {image_id} (shard image bytes)", max_pixels=None)
         start, end = label_offsets[row], label_offsets[row + 1]
         keep = ~crowd[start:end].astype(bool)
         samples.append(

@@ -11,3 +11,7 @@ class AnchorlessError(Exception):
 
 class DataError(AnchorlessError):
     """Input data (COCO JSON, images, shards, manifests) that cannot be used."""
+
+
+class ModelError(AnchorlessError):
+    """A model that cannot be loaded or does not fit the data (file, URI, categories)."""

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from anchorless.errors import AnchorlessError
+from anchorless.errors import ModelError
 from anchorless.files import atomic_path
 from anchorless.platform.data.shards import manifest_checksum
 
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
 FORMAT = "anchorless-model"
 FORMAT_VERSION = 1
 EXPORT_FILE = "model.pt"
-
-
-class ModelError(AnchorlessError):
-    """A model that cannot be loaded or does not fit the data (file, URI, categories)."""
 
 
 # --- the export file ------------------------------------------------------------------------------

@@ -38,10 +38,10 @@ from anchorless.platform.models.onnx_runtime import (
     INPUT_NAME,
     ONNX_FILE,
     OUTPUT_NAMES,
-    first_disagreement,
     metadata_from_props,
     onnx_metadata,
     onnxruntime_session,
+    require_agreement,
     run_onnx,
 )
 from anchorless.platform.models.openvino import OPENVINO_DIR, export_openvino
@@ -121,15 +121,7 @@ def check_parity(graph: DetectionGraph, onnx_bytes: bytes, images: torch.Tensor)
     """onnxruntime's detections must be torch's (see :func:`.onnx_runtime.unmatched_detections`); raises ModelError."""
     want = torch_detections(graph, images)
     got = run_onnx(onnxruntime_session(onnx_bytes), images.numpy())
-    if got["boxes"].shape != want["boxes"].shape:
-        raise ModelError(f"ONNX export: onnxruntime gave boxes {got['boxes'].shape}, torch {want['boxes'].shape}")
-    disagreement = first_disagreement(got, want, image_side=float(images.shape[-1]))
-    if disagreement:
-        image, missing = disagreement
-        raise ModelError(
-            f"ONNX export: onnxruntime and torch disagree on check image {image} ({missing} of torch's "
-            "detections have no equal in onnxruntime's); the graph was not written"
-        )
+    require_agreement(got, want, image_side=float(images.shape[-1]), runtime="ONNX export: onnxruntime", artifact="the graph")
 
 
 def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

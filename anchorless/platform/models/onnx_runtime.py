@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from anchorless import __version__
-from anchorless.errors import AnchorlessError
+from anchorless.errors import AnchorlessError, ModelError
 from anchorless.platform.data.images import decode_image_array, letterbox_array
 from anchorless.platform.models.detections import original_pixels
 
@@ -101,17 +101,22 @@ def unmatched_detections(got: Mapping[str, np.ndarray], want: Mapping[str, np.nd
     return missing
 
 
-def first_disagreement(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], *, image_side: float) -> tuple[int, int] | None:
-    """(image, how many of ``want``'s detections ``got`` lacks) for the first image of two padded
-    batches ((N, K, 4), (N, K), (N, K)) that differ (:func:`unmatched_detections`), else None."""
+def require_agreement(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], *, image_side: float, runtime: str, artifact: str) -> None:
+    """A :class:`ModelError` unless two padded batches of detections ((N, K, 4), (N, K), (N, K)),
+    ``runtime``'s (``got``) and torch's (``want``), agree image by image
+    (:func:`unmatched_detections`); the error says ``artifact`` was not written."""
+    if got["boxes"].shape != want["boxes"].shape:
+        raise ModelError(f"{runtime} gave boxes {got['boxes'].shape}, torch {want['boxes'].shape}; {artifact} was not written")
     for image in range(len(want["scores"])):
         missing = unmatched_detections(
             {key: value[image] for key, value in got.items()}, {key: value[image] for key, value in want.items()},
             image_side=image_side,
         )  # fmt: skip
         if missing:
-            return image, missing
-    return None
+            raise ModelError(
+                f"{runtime} and torch disagree on check image {image} ({missing} of torch's detections have no "
+                f"equal within boxes {BOX_RTOL:g} of the side, scores {SCORE_ATOL:g}); {artifact} was not written"
+            )
 
 
 class OnnxDetector:

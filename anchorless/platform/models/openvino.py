@@ -24,13 +24,11 @@ import numpy as np
 
 from anchorless.platform.models.export import ModelError
 from anchorless.platform.models.onnx_runtime import (
-    BOX_RTOL,
     INPUT_NAME,
     OUTPUT_NAMES,
-    SCORE_ATOL,
-    first_disagreement,
     metadata_from_props,
     onnx_metadata,
+    require_agreement,
 )
 
 OPENVINO_FILE = "model.xml"  # and model.bin beside it: OpenVINO's IR is the pair
@@ -91,15 +89,7 @@ def export_openvino(
 
     model = convert_onnx(onnx_path, meta)
     got = run_openvino(compile_cpu(model), images)
-    if got["boxes"].shape != reference["boxes"].shape:
-        raise ModelError(f"OpenVINO export: OpenVINO gave boxes {got['boxes'].shape}, torch {reference['boxes'].shape}")
-    disagreement = first_disagreement(got, reference, image_side=float(images.shape[-1]))
-    if disagreement:
-        image, missing = disagreement
-        raise ModelError(
-            f"OpenVINO export: OpenVINO and torch disagree on check image {image} ({missing} of torch's detections "
-            f"have no equal within boxes {BOX_RTOL:g} of the side, scores {SCORE_ATOL:g}); the IR was not written"
-        )
+    require_agreement(got, reference, image_side=float(images.shape[-1]), runtime="OpenVINO export: OpenVINO", artifact="the IR")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / OPENVINO_FILE

@@ -5,7 +5,8 @@ time on this machine (start-up and evaluation excluded on every side):
 
 - ``onenet_r18``: OneNet-R18 through ``anchorless.platform.training.driver.train`` (two Ray Train
   workers, DeepSpeed, Ray Data, bf16 autocast), stopped by ``training.time_budget_minutes``;
-- ``fcos_r18``: our FCOS-R18 through the same path;
+- ``fcos_r18``: our FCOS-R18 through the same path (and the other entries of ``DETECTORS``,
+  ``cornernet_r18`` and ``centernet_triplets_r18`` among them, scored after their Soft-NMS);
 - ``torchvision_fcos_r18``: torchvision's ``FCOS`` on a ResNet-18 FPN (P3-P7) trained by
   a plain single-process loop with two torch threads and one DataLoader worker (the
   same two cores), stopped at the same budget.
@@ -72,6 +73,12 @@ DETECTORS = {
     },
     "gfl_r18": {"name": "gfl", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},
     "gfl_v2_r18": {"name": "gfl_v2", "num_classes": 3, "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},
+    # The corner-keypoint detectors on ResNet-18 + the deconvolution upsampler, 64-channel
+    # branches (configs/bccd_cornernet_r18.yaml, configs/bccd_centernet_triplets_r18.yaml).
+    "cornernet_r18": {"name": "cornernet", "num_classes": 3, "backbone": {"depth": 18}, "head": {"channels": 64}},
+    "centernet_triplets_r18": {
+        "name": "centernet_triplets", "num_classes": 3, "backbone": {"depth": 18}, "head": {"channels": 64}
+    },
 }
 OURS = tuple(DETECTORS)  # every entry races by default
 

@@ -41,6 +41,10 @@ from anchorless.detectors.layers import fold_batchnorm  # noqa: E402
 
 NUM_CLASSES = 3
 PEER = "torchvision_fcos_r50"
+# The keypoint detectors default to Hourglass-104 (190M parameters, minutes a step on a shared
+# CPU): the CPU smoke run checks the same heads, losses and decoding on the ResNet-18 trunk.
+KEYPOINT_ON_CPU = {"backbone": {"depth": 18}, "head": {"channels": 64}}
+CPU_SETTINGS = {"cornernet": KEYPOINT_ON_CPU, "centernet_triplets": KEYPOINT_ON_CPU}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,7 +159,8 @@ def build(name: str, size: int, device: torch.device) -> tuple[torch.nn.Module, 
         )
         return model.to(device), True
     torch.manual_seed(0)
-    return build_detector({"name": name, "num_classes": NUM_CLASSES}).to(device), False
+    cfg = {"name": name, "num_classes": NUM_CLASSES, **(CPU_SETTINGS.get(name, {}) if device.type == "cpu" else {})}
+    return build_detector(cfg).to(device), False
 
 
 def check(name: str, device: torch.device, args: argparse.Namespace) -> dict:

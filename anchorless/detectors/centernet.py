@@ -20,10 +20,18 @@ from anchorless.detectors.backbones import ResNetBackbone
 from anchorless.detectors.base import Detections, SingleMapDetector, reduce_normalizer
 from anchorless.detectors.losses import GaussianFocalLoss, L1Loss
 from anchorless.detectors.necks import DeconvUpsampler
-from anchorless.detectors.postprocess import Postprocess, heatmap_peaks, topk_heatmap
+from anchorless.detectors.postprocess import (
+    Postprocess,
+    gather_cells,
+    heatmap_peaks,
+    topk_heatmap,
+    topk_heatmap_batched,
+)
 from anchorless.detectors.registry import register
 
-# CenterNet clamps the heatmap probability so log() and the focal terms stay finite.
+# The loss clamps the heatmap probability so log() and the focal terms stay finite. Only the
+# loss: decoding reads the plain sigmoid, as the official decoder (clamped, two neighbouring
+# cells above logit ~9.2 tie, both survive the max-pool, and one object gives two boxes).
 PROB_EPS = 1e-4
 
 
@@ -103,13 +111,14 @@ class CenterNet(SingleMapDetector):
 
     def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
         heatmap_logits, size, offset = self.head(features[-1])
-        prob = heatmap_logits.sigmoid().clamp(PROB_EPS, 1 - PROB_EPS)  # (B, C, H, W)
+        prob = heatmap_logits.sigmoid()  # (B, C, H, W)
         return {"heatmap": prob, "size": size, "offset": offset}  # size, offset: (B, 2, H, W)
 
     def losses(
         self, outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]], image_size: tuple[int, int]
     ) -> dict[str, torch.Tensor]:
-        prob, size, offset = outputs["heatmap"], outputs["size"], outputs["offset"]
+        prob = outputs["heatmap"].clamp(PROB_EPS, 1 - PROB_EPS)  # (B, C, H, W)
+        size, offset = outputs["size"], outputs["offset"]
         batch, num_classes, height, width = prob.shape
         heatmaps, pred_size, pred_offset, gt_size, gt_offset = [], [], [], [], []
         for i, target in enumerate(targets):
@@ -147,14 +156,10 @@ class CenterNet(SingleMapDetector):
 
     def inference_padded(self, outputs: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         peaks = heatmap_peaks(outputs["heatmap"])  # (B, C, H, W)
-        width, cells = peaks.shape[-1], peaks.shape[-2] * peaks.shape[-1]
-        scores, flat_idx = peaks.flatten(1).topk(min(self.postprocess.topk, peaks[0].numel()), dim=1)  # (B, K)
-        labels, cell = flat_idx // cells, flat_idx % cells  # (B, K)
-        ys, xs = cell // width, cell % width  # (B, K)
-        at_peaks = cell.unsqueeze(1).expand(-1, 2, -1)  # (B, 2, K)
-        size = outputs["size"].flatten(2).gather(2, at_peaks)  # (B, 2, K): w, h
-        offset = outputs["offset"].flatten(2).gather(2, at_peaks)  # (B, 2, K): dx, dy
-        cx, cy = xs + offset[:, 0], ys + offset[:, 1]  # (B, K)
-        w, h = size[:, 0], size[:, 1]  # (B, K)
+        scores, labels, ys, xs = topk_heatmap_batched(peaks, self.postprocess.topk)  # (B, K) each
+        size = gather_cells(outputs["size"], ys, xs)  # (B, K, 2): w, h
+        offset = gather_cells(outputs["offset"], ys, xs)  # (B, K, 2): dx, dy
+        cx, cy = xs + offset[..., 0], ys + offset[..., 1]  # (B, K)
+        w, h = size[..., 0], size[..., 1]  # (B, K)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=2) * self.stride  # (B, K, 4)
         return self.postprocess.finalize_padded(clip_boxes_to_image(boxes, image_size), scores, labels)

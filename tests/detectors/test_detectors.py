@@ -14,6 +14,8 @@ LOSS_NAMES = {
     "fcos": {"loss_cls", "loss_box", "loss_centerness", "loss"},
     "gfl": {"loss_qfl", "loss_box", "loss_dfl", "loss"},
     "gfl_v2": {"loss_qfl", "loss_box", "loss_dfl", "loss"},
+    "cornernet": {"loss_heatmap", "loss_pull", "loss_push", "loss_offset", "loss"},
+    "centernet_triplets": {"loss_heatmap", "loss_pull", "loss_push", "loss_offset", "loss"},
 }
 SIZE = 128
 # FCOS's size ranges are scaled down so that every level of a 128-pixel image gets positives.
@@ -23,7 +25,16 @@ CONFIGS = {
     "fcos": small_config("fcos", assigner={"size_ranges": [-1, 16, 32, 48, 64, 1e8]}),
     "gfl": small_config("gfl"),  # ATSS: every level takes part whatever the image size
     "gfl_v2": small_config("gfl_v2"),
+    # The corner-keypoint detectors on their ResNet-18 variant, narrow branches.
+    "cornernet": small_config("cornernet", head={"channels": 32, "pool_channels": 32}),
+    "centernet_triplets": small_config("centernet_triplets", head={"channels": 32, "pool_channels": 32}),
 }
+
+# Corner (and centre) pooling sends each location's gradient to the largest of a whole row or
+# column; at random init those maxima are near-ties that bf16's rounding reorders, so the
+# backbone's gradient turns more: 0.67-0.75 (CornerNet) and 0.65-0.70 (triplets) over three
+# seeds, the heads' own 0.87-0.97. Computing the pooling modules in float32 changed nothing.
+MIN_BF16_GRAD_COSINE = {"cornernet": 0.6, "centernet_triplets": 0.6}
 
 
 def _targets():
@@ -79,7 +90,7 @@ def test_under_bf16_autocast_losses_stay_float32_and_close_to_float32_training(d
     grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     # Measured 0.80-0.92 at random init (early layers see the rounding most); that it trains as
     # well as float32 is test_learning's bf16 case.
-    assert torch.nn.functional.cosine_similarity(grad, reference_grad, dim=0) > 0.7
+    assert torch.nn.functional.cosine_similarity(grad, reference_grad, dim=0) > MIN_BF16_GRAD_COSINE.get(name, 0.7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         detections = model.predict(images)
     assert all(d["boxes"].dtype == torch.float32 and d["scores"].dtype == torch.float32 for d in detections)

@@ -16,6 +16,11 @@ a slim pyramid head (64 channels, 2 convs per tower: a tenth of the default head
 ATSS by step 40). GFL starts its box sides short (``head.dist_bias_decay`` 1): from the
 official uniform start (8-stride sides) two of the fifteen objects, lone 10-px ones, stayed
 undetected after 150 steps (AP50 0.86), see :class:`~anchorless.detectors.gfl.GFLHead`.
+
+The corner-keypoint detectors (CornerNet, CenterNet keypoint triplets) learn on the ResNet-18
+variant with 32-channel branches and pooling modules, float32, 40 steps at 2e-3: both reached
+AP50 1.0 (AP 0.97 and 0.99) in our runs, their losses falling to under a hundredth, decoded
+through their own Soft-NMS.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ VARIANTS = {
     "gfl": (small_config("gfl", neck=SLIM_HEAD["neck"], head={**SLIM_HEAD["head"], "dist_bias_decay": 1.0}), 60, 2e-3),
     "gfl_v2": (small_config("gfl_v2", neck=SLIM_HEAD["neck"], head={**SLIM_HEAD["head"], "dist_bias_decay": 1.0}), 60, 2e-3),
     "fcos_atss": (small_config("fcos", assigner={"kind": "atss"}, **SLIM_HEAD), 60, 2e-3),
+}
+
+# The corner-keypoint detectors: config, steps, peak learning rate (float32).
+KEYPOINT_HEAD = {"channels": 32, "pool_channels": 32}
+KEYPOINT = {
+    "cornernet": (small_config("cornernet", head=KEYPOINT_HEAD), 40, 2e-3),
+    "centernet_triplets": (small_config("centernet_triplets", head=KEYPOINT_HEAD), 40, 2e-3),
 }
 
 
@@ -113,4 +125,15 @@ def test_assignment_and_quality_variants_overfit_a_handful_of_synthetic_images(v
     model, history = train(cfg, steps, lr, images, targets, bf16=True)
     metrics, _ = evaluate(model, images, gt)
     assert history[-1] < 0.4 * history[0], history[:: max(1, len(history) // 10)]
+    assert metrics["AP50"] >= 0.9, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KEYPOINT))
+def test_corner_keypoint_detectors_overfit_a_handful_of_synthetic_images(name, handful):
+    images, targets, gt = handful
+    cfg, steps, lr = KEYPOINT[name]
+    model, history = train(cfg, steps, lr, images, targets, bf16=False)
+    metrics, _ = evaluate(model, images, gt)  # paired corners (and centres), Soft-NMS
+    assert history[-1] < 0.05 * history[0], history[:: max(1, len(history) // 10)]
     assert metrics["AP50"] >= 0.9, metrics

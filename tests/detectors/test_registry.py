@@ -10,6 +10,8 @@ import anchorless.detectors as detectors
 from anchorless.detectors import DETECTORS, DetectorConfigError, build_detector, default_detector_config, register
 from anchorless.detectors import registry
 from anchorless.detectors.centernet import CenterNet
+from anchorless.detectors.centernet_triplets import CenterNetTriplets
+from anchorless.detectors.cornernet import CornerNet
 from anchorless.detectors.fcos import FCOS
 from anchorless.detectors.gfl import GFL, GFLV2
 from anchorless.detectors.onenet import OneNet
@@ -20,7 +22,10 @@ PACKAGE = Path(detectors.__file__).parent
 
 
 def test_registry_names_every_detector():
-    assert DETECTORS == {"onenet": OneNet, "centernet": CenterNet, "fcos": FCOS, "gfl": GFL, "gfl_v2": GFLV2}
+    assert DETECTORS == {
+        "onenet": OneNet, "centernet": CenterNet, "fcos": FCOS, "gfl": GFL, "gfl_v2": GFLV2,
+        "cornernet": CornerNet, "centernet_triplets": CenterNetTriplets,
+    }  # fmt: skip
 
 
 def test_defaults_are_the_papers_values():
@@ -95,7 +100,15 @@ def test_resolved_config_builds_the_same_detector_again():
         ({"name": "gfl", "loss": {"box_loss": "eiou"}}, "detector.loss.box_loss: expected one of 'iou', 'linear_iou'"),
         ({"name": "centernet", "backbone": {"depth": 101}}, "detector.backbone.depth: expected one of 18, 34, 50"),
         ({"name": "fcos", "head": {"num_convs": 2.5}}, "detector.head.num_convs: expected int, got float 2.5"),
-        ({"name": "yolo"}, "detector.name: unknown detector 'yolo'; expected one of centernet, fcos, gfl, gfl_v2, onenet"),
+        ({"name": "yolo"}, "detector.name: unknown detector 'yolo'; expected one of centernet, centernet_triplets, cornernet, fcos, gfl"),
+        ({"name": "cornernet", "backbone": {"depth": 101}}, "detector.backbone.depth: expected one of 18, 34, 50, 52, 104"),
+        ({"name": "cornernet", "backbone": {"depth": 18, "stacks": 2}},
+         "detector.backbone: stacks, channels and blocks apply to the hourglass depths (52, 104) only"),
+        ({"name": "cornernet", "backbone": {"depth": 18}, "postprocess": {"corner_topk": 0}},
+         "detector.postprocess: corner_topk must be >= 1"),
+        ({"name": "centernet_triplets", "backbone": {"depth": 18}, "postprocess": {"small_n": 0}},
+         "detector.postprocess: small_n and large_n"),
+        ({"name": "centernet_triplets", "loss": {"pul": 0.1}}, "detector.loss.pul: unknown key; expected one of alpha"),
         ({"num_classes": 3}, "detector.name: missing"),
         ({"name": "onenet", "num_classes": 0}, "detector.num_classes: expected a positive int"),
         ({"name": "onenet", "optimizer": {}}, "detector.optimizer: unknown key"),

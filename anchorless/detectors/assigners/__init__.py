@@ -8,6 +8,7 @@ xyxy in input pixels.
 from anchorless.detectors.assigners.atss import ATSSAssigner
 from anchorless.detectors.assigners.base import AssignResult
 from anchorless.detectors.assigners.center_heatmap import CenterHeatmapTarget
+from anchorless.detectors.assigners.corners import CornerTarget, CornerTargets, KeypointTargets
 from anchorless.detectors.assigners.costs import BoxL1Cost, FocalClassCost, IoUCost
 from anchorless.detectors.assigners.gaussian import draw_gaussians, gaussian_radius
 from anchorless.detectors.assigners.min_cost import MinCostAssigner
@@ -19,8 +20,11 @@ __all__ = [
     "AssignResult",
     "BoxL1Cost",
     "CenterHeatmapTarget",
+    "CornerTarget",
+    "CornerTargets",
     "FocalClassCost",
     "IoUCost",
+    "KeypointTargets",
     "MinCostAssigner",
     "PointAssigner",
     "PyramidAssigner",

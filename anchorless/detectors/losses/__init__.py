@@ -4,6 +4,7 @@ returns ``weight * sum(loss) / normalizer`` (:func:`weighted_sum`)."""
 
 from anchorless.detectors.losses.base import Normalizer, weighted_sum
 from anchorless.detectors.losses.centerness import CenternessLoss, centerness_target
+from anchorless.detectors.losses.embedding import EmbeddingLoss, pull_push_loss
 from anchorless.detectors.losses.focal import FocalLoss, GaussianFocalLoss, penalty_reduced_focal_loss
 from anchorless.detectors.losses.gfocal import (
     DistributionFocalLoss,
@@ -25,6 +26,7 @@ __all__ = [
     "IOU_KINDS",
     "CenternessLoss",
     "DistributionFocalLoss",
+    "EmbeddingLoss",
     "FocalLoss",
     "GaussianFocalLoss",
     "IoUKind",
@@ -38,6 +40,7 @@ __all__ = [
     "iou_loss",
     "pairwise_iou_similarity",
     "penalty_reduced_focal_loss",
+    "pull_push_loss",
     "quality_focal_loss",
     "weighted_sum",
 ]

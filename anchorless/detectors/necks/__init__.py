@@ -2,5 +2,6 @@
 
 from anchorless.detectors.necks.deconv import DeconvUpsampler
 from anchorless.detectors.necks.fpn import FPN
+from anchorless.detectors.necks.identity import NoNeck
 
-__all__ = ["FPN", "DeconvUpsampler"]
+__all__ = ["FPN", "DeconvUpsampler", "NoNeck"]

@@ -29,8 +29,10 @@ def _with_trained_looking_statistics(model: torch.nn.Module) -> torch.nn.Module:
         (small_config("centernet"), 0),
         (small_config("fcos"), 0),  # the ResNet folds; its head's GroupNorms stay, as they must
         (small_config("onenet", backbone={"norm": "frozen_bn"}), 0),
+        (small_config("cornernet", head={"channels": 32, "pool_channels": 32}), 0),  # and the pooling modules
+        (small_config("centernet_triplets", head={"channels": 32, "pool_channels": 32}), 0),
     ],
-    ids=["onenet", "centernet", "fcos", "onenet-frozen-bn"],
+    ids=["onenet", "centernet", "fcos", "onenet-frozen-bn", "cornernet", "centernet_triplets"],
 )
 def test_folded_model_detects_the_same_boxes_without_batchnorm(config, batchnorms_left):
     torch.manual_seed(0)

@@ -187,23 +187,24 @@ def soft_nms(
     boxes: torch.Tensor,
     scores: torch.Tensor,
     labels: torch.Tensor,
-    *,
     method: Literal["linear", "gaussian"] = "gaussian",
-    iou_threshold: float = 0.3,
     sigma: float = 0.5,
-    min_score: float = 0.001,
+    iou_threshold: float = 0.5,
+    score_threshold: float = 0.001,
 ) -> NMSResult:
-    """Soft-NMS, class-aware (public: CornerNet decodes with it).
+    """Soft-NMS, class-aware (public: CornerNet decodes with it): the kept indices (best
+    first) and their rescored scores, as an :class:`NMSResult`.
 
     Repeatedly keeps the best remaining box and decays the scores of the boxes of its class
     that overlap it: "linear" s *= 1 - IoU where IoU > ``iou_threshold``; "gaussian"
-    s *= exp(-IoU^2 / ``sigma``). A decayed box scoring below ``min_score`` is dropped.
-    Paper / official values: threshold 0.3, sigma 0.5, min score 0.001.
+    s *= exp(-IoU^2 / ``sigma``). A decayed box scoring below ``score_threshold`` is dropped.
+    The defaults are CornerNet's (Gaussian, sigma 0.5, threshold 0.5, floor 0.001); the
+    Soft-NMS paper's linear threshold is 0.3, the default of the ``soft_linear`` kind.
     """
     if method not in ("linear", "gaussian"):
         raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
     kernel = functools.partial(_soft, linear=method == "linear")
-    return per_class(kernel)(boxes, scores, labels, iou_threshold=iou_threshold, sigma=sigma, min_score=min_score)
+    return per_class(kernel)(boxes, scores, labels, iou_threshold=iou_threshold, sigma=sigma, min_score=score_threshold)
 
 
 @register_nms("soft_linear")
@@ -216,7 +217,7 @@ def soft_nms_linear(
     min_score: float = 0.001,
 ) -> NMSResult:
     """Soft-NMS with the linear decay (:func:`soft_nms`)."""
-    return soft_nms(boxes, scores, labels, method="linear", iou_threshold=iou_threshold, min_score=min_score)
+    return soft_nms(boxes, scores, labels, method="linear", iou_threshold=iou_threshold, score_threshold=min_score)
 
 
 @register_nms("soft_gaussian")
@@ -224,7 +225,7 @@ def soft_nms_gaussian(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, *, sigma: float = 0.5, min_score: float = 0.001
 ) -> NMSResult:
     """Soft-NMS with the Gaussian decay (:func:`soft_nms`); it has no IoU threshold."""
-    return soft_nms(boxes, scores, labels, method="gaussian", sigma=sigma, min_score=min_score)
+    return soft_nms(boxes, scores, labels, method="gaussian", sigma=sigma, score_threshold=min_score)
 
 
 @register_nms("fast")

@@ -70,7 +70,7 @@ def test_soft_nms_gaussian_decays_by_exp_of_minus_iou_squared_over_sigma():
 
 
 def test_soft_nms_drops_a_decayed_box_below_the_minimum_score_and_is_public_for_cornernet():
-    kept = soft_nms(CHAIN, CHAIN_SCORES, ONE_CLASS, method="linear", iou_threshold=0.3, min_score=0.2)
+    kept = soft_nms(CHAIN, CHAIN_SCORES, ONE_CLASS, method="linear", iou_threshold=0.3, score_threshold=0.2)
     assert kept.keep.tolist() == [0, 2]  # b1 ends at 0.17 < 0.2
     untouched = soft_nms(CHAIN[:1], torch.tensor([0.0001]), ONE_CLASS[:1])
     assert untouched.keep.tolist() == [0]  # never decayed: kept, as the official code

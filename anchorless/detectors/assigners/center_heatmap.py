@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from anchorless.detectors.assigners.base import AssignResult
-from anchorless.detectors.assigners.gaussian import draw_gaussians, gaussian_radius
+from anchorless.detectors.assigners.gaussian import check_radius_settings, draw_gaussians, object_radii
 
 
 class CenterHeatmapTarget(nn.Module):
@@ -38,10 +38,7 @@ class CenterHeatmapTarget(nn.Module):
         min_radius: int = 0,
     ) -> None:
         super().__init__()
-        if not 0 < min_overlap < 1:
-            raise ValueError(f"min_overlap must be in (0, 1), got {min_overlap}")
-        if radius_formula not in ("original", "corrected"):
-            raise ValueError(f"radius_formula must be 'original' or 'corrected', got {radius_formula!r}")
+        check_radius_settings(min_overlap, radius_formula)
         self.min_overlap = min_overlap
         self.radius_formula = radius_formula
         self.min_radius = min_radius
@@ -63,7 +60,6 @@ class CenterHeatmapTarget(nn.Module):
         integer cell (in [0, 1)), all in output cells.
         """
         out_h, out_w = output_size
-        device = gt_boxes.device
         boxes = gt_boxes.float() / stride  # (M, 4)
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, out_w - 1)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h - 1)
@@ -71,8 +67,7 @@ class CenterHeatmapTarget(nn.Module):
         keep = (box_w > 0) & (box_h > 0)  # (M,)
         boxes, box_w, box_h, labels = boxes[keep], box_w[keep], box_h[keep], gt_labels[keep]  # K kept
 
-        radius = gaussian_radius(box_h.ceil(), box_w.ceil(), self.min_overlap, self.radius_formula)  # (K,)
-        radius = radius.floor().clamp(min=self.min_radius).to(torch.float32).to(device)  # (K,)
+        radius = object_radii(box_w, box_h, self.min_overlap, self.radius_formula, self.min_radius)  # (K,)
         centers = torch.stack([boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]], dim=1) / 2  # (K, 2)
         cells = centers.floor()  # (K, 2)
 

@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from anchorless.detectors.assigners.gaussian import draw_gaussians, gaussian_radius
+from anchorless.detectors.assigners.gaussian import check_radius_settings, draw_gaussians, object_radii
 
 
 
@@ -50,10 +50,7 @@ class CornerTarget(nn.Module):
         self, *, min_overlap: float = 0.3, radius_formula: Literal["original", "corrected"] = "original"
     ) -> None:
         super().__init__()
-        if not 0 < min_overlap < 1:
-            raise ValueError(f"min_overlap must be in (0, 1), got {min_overlap}")
-        if radius_formula not in ("original", "corrected"):
-            raise ValueError(f"radius_formula must be 'original' or 'corrected', got {radius_formula!r}")
+        check_radius_settings(min_overlap, radius_formula)
         self.min_overlap, self.radius_formula = min_overlap, radius_formula
 
     @torch.no_grad()
@@ -75,8 +72,7 @@ class CornerTarget(nn.Module):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # (M,)
         boxes, labels = boxes[keep], gt_labels[keep]  # K kept
         box_w, box_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]  # (K,)
-        radius = gaussian_radius(box_h.ceil(), box_w.ceil(), self.min_overlap, self.radius_formula)  # (K,)
-        radius = radius.floor().clamp(min=0).to(torch.float32).to(boxes.device)  # (K,)
+        radius = object_radii(box_w, box_h, self.min_overlap, self.radius_formula)  # (K,)
         points = {
             "tl": boxes[:, :2],
             "br": boxes[:, 2:],

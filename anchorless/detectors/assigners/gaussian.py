@@ -47,6 +47,23 @@ def gaussian_radius(
     return torch.minimum(torch.minimum(r1, r2), r3)
 
 
+def check_radius_settings(min_overlap: float, radius_formula: str) -> None:
+    """ValueError for settings :func:`gaussian_radius` cannot use (the heatmap targets' check)."""
+    if not 0 < min_overlap < 1:
+        raise ValueError(f"min_overlap must be in (0, 1), got {min_overlap}")
+    if radius_formula not in ("original", "corrected"):
+        raise ValueError(f"radius_formula must be 'original' or 'corrected', got {radius_formula!r}")
+
+
+def object_radii(
+    box_w: torch.Tensor, box_h: torch.Tensor, min_overlap: float, formula: Literal["original", "corrected"], min_radius: int = 0
+) -> torch.Tensor:
+    """(K,) float32 Gaussian radii, whole cells, of boxes (K,) wide and high in output cells:
+    :func:`gaussian_radius` of the box rounded up, floored, at least ``min_radius``."""
+    radius = gaussian_radius(box_h.ceil(), box_w.ceil(), min_overlap, formula)  # (K,) float64
+    return radius.floor().clamp(min=min_radius).to(torch.float32).to(box_w.device)
+
+
 def draw_gaussians(
     cells: torch.Tensor, radius: torch.Tensor, labels: torch.Tensor, num_classes: int, output_size: tuple[int, int]
 ) -> torch.Tensor:

@@ -394,7 +394,7 @@ class Tracker:
         The driver calls it at the end of a run for rank 0's outbox and its own, so calls rank
         0 could not deliver before it ended reach the run too.
         """
-        outbox = outbox or self.outbox
+        outbox = self.outbox if outbox is None else outbox  # not `or`: an empty Outbox is falsy (len 0)
         if outbox is None:
             return {"late": 0, "dropped": 0, "pending": 0}
         deadline = time.monotonic() + patience_seconds

@@ -272,6 +272,22 @@ def test_what_a_killed_process_left_in_its_outbox_is_delivered_by_the_next_one(t
     assert outbox_counts(path) == {"late": 3, "dropped": 0, "pending": 0}  # what the run summary reads
 
 
+def test_the_driver_reports_rank_zeros_late_calls_even_once_rank_zero_delivered_them_all(tmp_path):
+    """The end of a run: rank 0 already sent its backlog, leaving an empty outbox with counts;
+    the driver's flush of that outbox returns its counts, not the driver's own outbox's."""
+    client = _OutageClient()
+    rank0_path = tmp_path / "tracking_outbox.rank0.jsonl"
+    rank0 = _outage_tracker(client, rank0_path)
+    client.down = True
+    for step in (1, 2):
+        rank0.log_metrics({"loss": 1.0}, step=step)
+    client.down = False
+    assert rank0.flush() == {"late": 2, "dropped": 0, "pending": 0} and not rank0_path.exists()
+    driver = _outage_tracker(client, tmp_path / "tracking_outbox.driver.jsonl")
+    assert driver.flush(Outbox(rank0_path)) == {"late": 2, "dropped": 0, "pending": 0}
+    assert driver.flush() == {"late": 0, "dropped": 0, "pending": 0}
+
+
 def test_only_an_outbox_past_its_bound_drops_and_says_so_loudly(tmp_path, caplog):
     client = _OutageClient()
     client.down = True

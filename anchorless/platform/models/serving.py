@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -148,6 +149,27 @@ def serve_command(model_uri: str, *, host: str = DEFAULT_HOST, port: int = 5000,
     ]  # fmt: skip
 
 
+def end_process_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL, to the server's whole process group (started in a session of its
+    own): ``mlflow models serve`` runs uvicorn as a child, which outlives a signal to it alone."""
+    if process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a supervisor, `kill`) ends the server as Ctrl-C does
+
+
 @dataclass
 class Server:
     """A running model server; ``stop()`` ends it (also on leaving a ``with`` block)."""
@@ -158,13 +180,7 @@ class Server:
     workdir: Path | None = None  # what the server serves from (the ONNX pyfunc), removed on stop
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process_group(self.process, timeout)
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -282,7 +298,14 @@ def serve(
         env = _server_env(tracking_uri)
         served = registry_uri(reference) + (" (its ONNX graph, in onnxruntime)" if format == "onnx" else "")
         print(f"serving {served} at http://{host}:{port}/invocations (Ctrl-C stops)", flush=True)
+        # Its own session, so stopping it reaches uvicorn too; SIGTERM here stops it like Ctrl-C,
+        # instead of leaving the server running without us.
+        process = subprocess.Popen(serve_command(model_uri, host=host, port=port, workers=workers), env=env, start_new_session=True)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            return subprocess.run(serve_command(model_uri, host=host, port=port, workers=workers), env=env).returncode
+            return process.wait()
         except KeyboardInterrupt:
             return 0
+        finally:
+            end_process_group(process)
+            signal.signal(signal.SIGTERM, previous)

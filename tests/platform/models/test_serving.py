@@ -116,3 +116,43 @@ def test_serving_onnx_without_a_graph_says_how_to_add_one(registered, tmp_path):
         served_model(registered.run_uri, format="onnx", tracking_uri=store, workdir=tmp_path)  # logged, never exported
     with pytest.raises(ServeError, match="serve format 'tensorrt': expected one of torch, onnx"):
         served_model("shapes/1", format="tensorrt", tracking_uri=store, workdir=tmp_path)
+
+
+@pytest.mark.slow
+def test_sigterm_to_models_serve_stops_the_whole_server_and_removes_its_copy(registered, tmp_path):
+    """A supervisor's SIGTERM ends `anchorless models serve` as Ctrl-C does: MLflow's server and
+    its uvicorn child go too (they outlived it before), and the downloaded model copy is removed."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "anchorless.jobs.cli", "models", "serve", "shapes/1", "--port", str(port),
+               "--tracking-uri", registered.tracker.tracking_uri]  # fmt: skip
+    cli = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and cli.poll() is None, "the server never answered"
+                time.sleep(0.5)
+        server = [child.pid for child in psutil.Process(cli.pid).children(recursive=True)]
+        assert server  # mlflow models serve, and uvicorn under it
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
+        time.sleep(1)
+        assert not [pid for pid in server if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        assert not list(tmp_path.glob("anchorless-serve-*"))
+    finally:
+        if cli.poll() is None:
+            cli.kill()

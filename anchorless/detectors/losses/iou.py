@@ -47,12 +47,13 @@ def _with_height(boxes: torch.Tensor) -> torch.Tensor:
 
 
 def elementwise_iou(pred_boxes: torch.Tensor, target_boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of each pair (N, 4), (N, 4) -> (N,); 0 where the union is empty."""
-    top_left = torch.maximum(pred_boxes[:, :2], target_boxes[:, :2])  # (N, 2)
-    bottom_right = torch.minimum(pred_boxes[:, 2:], target_boxes[:, 2:])  # (N, 2)
-    inter = (bottom_right - top_left).clamp(min=0).prod(dim=1)  # (N,)
-    area_pred = (pred_boxes[:, 2:] - pred_boxes[:, :2]).clamp(min=0).prod(dim=1)  # (N,)
-    area_target = (target_boxes[:, 2:] - target_boxes[:, :2]).clamp(min=0).prod(dim=1)  # (N,)
+    """IoU of each pair (N, 4), (N, 4) -> (N,), or of any two shapes (..., 4) that broadcast;
+    0 where the union is empty."""
+    top_left = torch.maximum(pred_boxes[..., :2], target_boxes[..., :2])  # (N, 2)
+    bottom_right = torch.minimum(pred_boxes[..., 2:], target_boxes[..., 2:])  # (N, 2)
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)  # (N,)
+    area_pred = (pred_boxes[..., 2:] - pred_boxes[..., :2]).clamp(min=0).prod(dim=-1)  # (N,)
+    area_target = (target_boxes[..., 2:] - target_boxes[..., :2]).clamp(min=0).prod(dim=-1)  # (N,)
     union = area_pred + area_target - inter  # (N,)
     return inter / union.clamp(min=torch.finfo(union.dtype).tiny)
 

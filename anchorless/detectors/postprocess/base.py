@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.ops import nms as torchvision_nms
 
-from anchorless.detectors.postprocess.nms import NMS_KINDS, NMSKind, nms
+from anchorless.detectors.postprocess.nms import NMS_KINDS, NMSKind, kind_settings, nms, soft_nms_padded
 
 
 class Postprocess(nn.Module):
@@ -83,11 +83,17 @@ class Postprocess(nn.Module):
 
     def select_padded(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """:meth:`select` batch-wide: (B, K, 4) boxes, (B, K) scores and labels, padded with
-        score 0; score-0 candidates are padding. Only ``none`` and ``hard`` NMS have this
-        form (hard NMS is torchvision's, which exports to ONNX's NonMaxSuppression)."""
+        score 0; score-0 candidates are padding. ``none``, ``hard`` (torchvision's, which
+        exports to ONNX's NonMaxSuppression) and the two Soft-NMS kinds have this form."""
+        if self.nms in ("soft_linear", "soft_gaussian"):
+            settings = kind_settings(self.nms, **self.nms_settings)
+            method = "linear" if self.nms == "soft_linear" else "gaussian"
+            boxes, scores, labels = soft_nms_padded(boxes, scores, labels, self.topk, method, **settings)
+            return {"boxes": boxes, "scores": scores, "labels": labels}
         if self.nms not in ("none", "hard"):
             raise NotImplementedError(
-                f"postprocess.nms={self.nms!r} has no batch-wide graph form; export with nms none or hard"
+                f"postprocess.nms={self.nms!r} has no batch-wide graph form; export with nms none, hard, "
+                "soft_linear or soft_gaussian"
             )
         batch, num = scores.shape
         if self.nms == "hard":

@@ -44,6 +44,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torchvision.ops import batched_nms, box_iou, distance_box_iou
 
+from anchorless.detectors.losses.iou import elementwise_iou
+
 
 class NMSResult(NamedTuple):
     """The kept boxes, best (final score) first."""
@@ -205,6 +207,69 @@ def soft_nms(
         raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
     kernel = functools.partial(_soft, linear=method == "linear")
     return per_class(kernel)(boxes, scores, labels, iou_threshold=iou_threshold, sigma=sigma, min_score=score_threshold)
+
+
+def soft_nms_padded(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    topk: int,
+    method: Literal["linear", "gaussian"] = "gaussian",
+    sigma: float = 0.5,
+    iou_threshold: float = 0.5,
+    min_score: float = 0.001,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`soft_nms` of a whole batch with fixed shapes, the form a deployment graph runs.
+
+    boxes (B, N, 4), scores (B, N), labels (B, N), a score-0 candidate being padding ->
+    the ``topk`` best kept of each image: boxes (B, K, 4), rescored scores (B, K), labels
+    (B, K), best first, padded with score 0. The picks and scores of :func:`soft_nms`: a
+    class's picks depend only on its own boxes, and since a decay only lowers scores, each
+    image's best live candidate over all classes is its next pick in soft_nms's order, so K
+    steps find the K best. A loop of K steps (unrolled in a graph): each pick follows the
+    previous picks' decay.
+    """
+    if method not in ("linear", "gaussian"):
+        raise ValueError(f"method must be 'linear' or 'gaussian', got {method!r}")
+    num = scores.shape[1]
+    columns = torch.arange(num, device=scores.device)  # (N,)
+    alive = scores > 0  # (B, N)
+    boxes_and_labels = torch.cat([boxes, labels.unsqueeze(-1).to(boxes.dtype)], dim=-1)  # (B, N, 5): one gather a pick
+    picked: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # Few ops a step: a graph unrolls the loop, and every op costs the exporter time.
+    for _ in range(min(topk, num)):
+        best_score, best = torch.where(alive, scores, -math.inf).max(dim=1, keepdim=True)  # (B, 1)
+        pick = boxes_and_labels.gather(1, best.unsqueeze(-1).expand(-1, -1, 5))  # (B, 1, 5)
+        picked.append((pick, best_score.clamp(min=0)))  # none alive: -inf, padding
+        alive = alive & (columns != best)
+        overlap = elementwise_iou(pick[..., :4], boxes)  # (B, N): each image's pick against its own boxes
+        if method == "linear":
+            decay = torch.where(overlap > iou_threshold, 1 - overlap, torch.ones_like(overlap))
+        else:
+            decay = torch.exp(-overlap.square() / sigma)
+        touched = alive & (boxes_and_labels[..., 4] == pick[..., 4]) & (overlap > 0)  # as soft_nms: overlaps of the class
+        scores = torch.where(touched, scores * decay, scores)
+        alive = alive & ~(touched & (scores < min_score))
+    picks = torch.cat([pick for pick, _ in picked], dim=1)  # (B, K', 5)
+    out_boxes, out_labels = picks[..., :4], picks[..., 4].to(labels.dtype)
+    out_scores = torch.cat([score for _, score in picked], dim=1)  # (B, K')
+    missing = topk - out_scores.shape[1]  # fewer candidates than K
+    if missing > 0:
+        out_boxes = torch.nn.functional.pad(out_boxes, (0, 0, 0, missing))
+        out_scores = torch.nn.functional.pad(out_scores, (0, missing))
+        out_labels = torch.nn.functional.pad(out_labels, (0, missing))
+    return out_boxes, out_scores, out_labels
+
+
+def kind_settings(kind: str, **settings: Any) -> dict[str, Any]:
+    """The keyword arguments the NMS ``kind`` runs with: those given (not None) that it takes,
+    else its own defaults."""
+    parameters = inspect.signature(_KINDS[kind]).parameters
+    return {
+        name: settings[name] if settings.get(name) is not None else parameter.default
+        for name, parameter in parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
 @register_nms("soft_linear")

@@ -145,3 +145,29 @@ def test_postprocess_takes_every_kind_and_the_old_booleans():
         Postprocess(nms="greedy")
     with pytest.raises(ValueError, match="unknown NMS kind 'greedy'"):
         nms(CHAIN, CHAIN_SCORES, labels, "greedy")
+
+
+@pytest.mark.parametrize("kind", ["soft_linear", "soft_gaussian"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_wide_soft_nms_keeps_the_same_boxes_and_rescored_scores_as_per_image(kind, seed):
+    """The fixed-shape form a deployment graph runs: per image, soft_nms's first K picks in its
+    order with its rescored scores; padding (score 0) never picked before a real box, and the
+    images of a batch never touch each other (their boxes are the same coordinates)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, num, topk = 3, 60, 40
+    corners = torch.rand(batch, num, 2, generator=generator) * 40
+    boxes = torch.cat([corners, corners + 8 + torch.rand(batch, num, 2, generator=generator) * 20], dim=-1)
+    scores = torch.rand(batch, num, generator=generator) * (torch.rand(batch, num, generator=generator) > 0.2)
+    labels = torch.randint(0, 3, (batch, num), generator=generator)
+    post = Postprocess(nms=kind, topk=topk, nms_iou=0.4, nms_min_score=0.05)
+    padded = post.select_padded(boxes, scores, labels)
+    assert padded["boxes"].shape == (batch, topk, 4) and padded["scores"].shape == padded["labels"].shape == (batch, topk)
+    for image in range(batch):
+        real = scores[image] > 0
+        want = post.select(boxes[image][real], scores[image][real], labels[image][real])
+        n = len(want["scores"])
+        assert n > 10
+        torch.testing.assert_close(padded["scores"][image, :n], want["scores"], rtol=0, atol=0)
+        torch.testing.assert_close(padded["boxes"][image, :n], want["boxes"], rtol=0, atol=0)
+        torch.testing.assert_close(padded["labels"][image, :n], want["labels"])
+        assert not padded["scores"][image, n:].any()  # the rest is padding

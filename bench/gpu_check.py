@@ -43,8 +43,17 @@ NUM_CLASSES = 3
 PEER = "torchvision_fcos_r50"
 # The keypoint detectors default to Hourglass-104 (190M parameters, minutes a step on a shared
 # CPU): the CPU smoke run checks the same heads, losses and decoding on the ResNet-18 trunk.
+# CornerNet-Lite keeps its own hourglasses there, narrower (Saccade's is 117M parameters).
 KEYPOINT_ON_CPU = {"backbone": {"depth": 18}, "head": {"channels": 64}}
-CPU_SETTINGS = {"cornernet": KEYPOINT_ON_CPU, "centernet_triplets": KEYPOINT_ON_CPU}
+CPU_SETTINGS = {
+    "cornernet": KEYPOINT_ON_CPU,
+    "centernet_triplets": KEYPOINT_ON_CPU,
+    "cornernet_squeeze": {"backbone": {"channels": [64, 64, 96, 96, 128], "out_channels": 64}, "head": {"channels": 64}},
+    "cornernet_saccade": {
+        "backbone": {"channels": [64, 96, 96, 128], "out_channels": 64},
+        "head": {"channels": 64, "attention_channels": 64},
+    },
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -81,7 +81,7 @@ def build_models(size: int, loaded: bool) -> dict[str, tuple[torch.nn.Module, bo
 
 
 KEYPOINT_R18 = {"backbone": {"depth": 18}, "head": {"channels": 64}}  # configs/bccd_*_r18.yaml
-TRAIN_ROWS = {  # the BCCD race's recipes (bench/bccd_accuracy.py), 3 classes
+TRAIN_ROWS = {  # the BCCD race's recipes (bench/accuracy.py --data bccd), 3 classes
     "FCOS-R18": {"name": "fcos", "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},
     "OneNet-R18": {"name": "onenet", "backbone": {"depth": 18}, "head": {"ltrb_scale": 4.0, "one_to_many_topk": 9}},
     "CornerNet-R18": {"name": "cornernet", **KEYPOINT_R18},

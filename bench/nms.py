@@ -3,7 +3,7 @@ AP, AP50, duplicate rate and milliseconds per image, torchvision's ``batched_nms
 as the speed reference.
 
 Three detectors, each either trained from scratch on BCCD through the platform with the
-recipe of ``bench/bccd_accuracy.py`` (its ``DETECTORS`` table and ``experiment_config``:
+recipe of ``bench/accuracy.py`` (its ``DETECTORS`` table and ``experiment_config``:
 two Ray Train workers, DeepSpeed, bf16, ``--minutes`` of training time) or loaded from a
 local ``.pt`` export (``--load NAME=PATH``):
 
@@ -33,8 +33,6 @@ import argparse
 import contextlib
 import io
 import json
-import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -47,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bccd_accuracy import experiment_config  # noqa: E402
-from common import iter_eval_batches, score_on_split, shard_splits  # noqa: E402
+from accuracy import experiment_config  # noqa: E402
+from common import SHARD_CACHE, iter_eval_batches, score_on_split, shard_splits, start_training_bench  # noqa: E402
 
 from anchorless.detectors.postprocess import NMS_KINDS, LevelwisePostprocess, Postprocess  # noqa: E402
 
@@ -58,8 +56,9 @@ REFERENCE = "hard"  # torchvision's batched_nms
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_bccd = os.environ.get("ANCHORLESS_BCCD", str(REPO / ".." / "shared" / "datasets" / "bccd"))
-    parser.add_argument("--bccd", default=default_bccd, help="BCCD root (annotations/, images/)")
+    parser.add_argument(
+        "--bccd", default="bccd", help="BCCD root (annotations/, images/); default the preset: $ANCHORLESS_BCCD, else ../shared/datasets/bccd"
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="training-time budget of each model trained here")
     parser.add_argument("--image-size", type=int, default=416)
     parser.add_argument("--only", nargs="+", choices=MODELS, help="run only these models")
@@ -68,7 +67,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--kinds", nargs="+", choices=NMS_KINDS, default=list(NMS_KINDS), help="NMS kinds to compare")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the cached candidates (median)")
-    parser.add_argument("--workdir", help="shards and runs go here (default: a new temporary directory)")
+    parser.add_argument("--workdir", help="runs go here (default: a new temporary directory); shards to --cache")
+    parser.add_argument(
+        "--cache",
+        default=str(SHARD_CACHE),
+        help="shards, written once per source (default $ANCHORLESS_BENCH_CACHE, else workspace/bench/shards)",
+    )
     args = parser.parse_args()
     args.overrides = []  # experiment_config reads the accuracy bench's --set overrides
     return args
@@ -147,28 +151,29 @@ def print_table(name: str, results: dict[str, dict[str, float]], candidates: flo
 
 def main() -> None:
     args = parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    bccd = Path(args.bccd)
-    if not (bccd / "annotations").is_dir():
-        sys.exit(f"BCCD not found at {bccd} (pass --bccd or set ANCHORLESS_BCCD)")
+    start_training_bench()
     exports = dict(item.split("=", 1) for item in args.load)
     unknown = sorted(set(exports) - set(MODELS))
     if unknown:
         sys.exit(f"--load {unknown[0]}=...: not one of {', '.join(MODELS)}")
+    try:
+        data = shard_splits(args.bccd, Path(args.cache))
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"{exc} (pass --bccd or set ANCHORLESS_BCCD)")
+    if data.scored != "test":
+        sys.exit(f"{data.root}: no test split (annotations/instances_test.json)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="anchorless-bench-nms-"))
-    shards = shard_splits(bccd, workdir)
 
     tables, candidates = {}, {}
     for name in args.only or MODELS:
         how = f"loaded from {exports[name]}" if name in exports else f"{args.minutes:g} min of training"
         print(f"\n== {name}: {how}", flush=True)
-        cfg = experiment_config(name, shards, workdir, args)
+        cfg = experiment_config(name, data, workdir, args)
         model = trained_model(name, cfg, exports)
-        raw = raw_candidates(model, shards["test"], cfg)
+        raw = raw_candidates(model, data.shards["test"], cfg)
         count = [len(det["scores"]) for batch in raw for det in batch]
         candidates[name] = statistics.fmean(count) if count else 0.0
-        tables[name] = compare_kinds(raw, model.postprocess.nms_iou, args.kinds, shards["test"], cfg, args.repeats)
+        tables[name] = compare_kinds(raw, model.postprocess.nms_iou, args.kinds, data.shards["test"], cfg, args.repeats)
 
     print(f"\nBCCD test split ({args.image_size} px): every NMS kind on each model's raw candidates, top 100 kept")
     for name, results in tables.items():

@@ -20,7 +20,7 @@ from anchorless.detectors.registry import (
 )
 
 # Each detector module registers its class when imported; a new detector file joins this line.
-from anchorless.detectors import centernet, centernet_triplets, cornernet, fcos, gfl, onenet  # noqa: E402, F401  isort: skip
+from anchorless.detectors import centernet, centernet_triplets, cornernet, cornernet_saccade, cornernet_squeeze, fcos, gfl, onenet  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DETECTORS",

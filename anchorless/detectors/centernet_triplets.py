@@ -35,7 +35,9 @@ class TripletHead(CornerNetHead):
         return {
             **super().stack_modules(in_channels, num_classes, channels, pool_channels, heatmap_bias),
             "ct_pool": CenterPooling(in_channels, pool_channels),
-            "ct": KeypointBranches(in_channels, channels, num_classes, heatmap_bias, embedding=False),
+            "ct": KeypointBranches(
+                in_channels, channels, num_classes, heatmap_bias, embedding=False, kernel_size=self.branch_kernel
+            ),
         }
 
     def forward_stack(self, modules: nn.ModuleDict, x: torch.Tensor) -> dict[str, torch.Tensor]:

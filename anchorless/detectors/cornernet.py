@@ -36,10 +36,11 @@ from anchorless.detectors.registry import register
 PROB_EPS = 1e-4
 
 
-def prediction_branch(in_channels: int, channels: int, out_channels: int) -> nn.Sequential:
-    """The official ``make_kp_layer``: 3x3 conv (with bias, no norm) + ReLU + 1x1 conv."""
+def prediction_branch(in_channels: int, channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
+    """The official ``make_kp_layer``: 3x3 conv (with bias, no norm) + ReLU + 1x1 conv
+    (CornerNet-Squeeze: a 1x1 first conv, ``kernel_size=1``)."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, channels, kernel_size=3, padding=1),
+        nn.Conv2d(in_channels, channels, kernel_size=kernel_size, padding=kernel_size // 2),
         nn.ReLU(inplace=True),
         nn.Conv2d(channels, out_channels, kernel_size=1),
     )
@@ -50,12 +51,18 @@ class KeypointBranches(nn.Module):
     embedding (1) and an offset (2)."""
 
     def __init__(
-        self, in_channels: int, channels: int, num_classes: int, heatmap_bias: float, embedding: bool = True
+        self,
+        in_channels: int,
+        channels: int,
+        num_classes: int,
+        heatmap_bias: float,
+        embedding: bool = True,
+        kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        self.heatmap = prediction_branch(in_channels, channels, num_classes)
-        self.embedding = prediction_branch(in_channels, channels, 1) if embedding else None
-        self.offset = prediction_branch(in_channels, channels, 2)
+        self.heatmap = prediction_branch(in_channels, channels, num_classes, kernel_size)
+        self.embedding = prediction_branch(in_channels, channels, 1, kernel_size) if embedding else None
+        self.offset = prediction_branch(in_channels, channels, 2, kernel_size)
         nn.init.constant_(self.heatmap[-1].bias, heatmap_bias)
 
     def forward(self, x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
@@ -74,6 +81,7 @@ class CornerNetHead(nn.Module):
         channels: hidden width of each prediction branch (256, the official ``curr_dim``).
         pool_channels: width of the pooling modules' two branches (128).
         heatmap_bias: initial heatmap logit, -2.19 (probability 0.1) as the official code.
+        branch_kernel: kernel of each branch's first conv, 3 (CornerNet-Squeeze: 1).
     """
 
     pooling: ClassVar[type[nn.Module]] = CornerPooling
@@ -87,8 +95,12 @@ class CornerNetHead(nn.Module):
         channels: int = 256,
         pool_channels: int = 128,
         heatmap_bias: float = -2.19,
+        branch_kernel: int = 3,
     ) -> None:
         super().__init__()
+        if branch_kernel < 1 or branch_kernel % 2 == 0:
+            raise ValueError(f"branch_kernel must be an odd number >= 1, got {branch_kernel}")
+        self.branch_kernel = branch_kernel  # read by stack_modules
         self.stacks = nn.ModuleList(
             nn.ModuleDict(self.stack_modules(in_channels, num_classes, channels, pool_channels, heatmap_bias))
             for _ in range(num_stacks)
@@ -100,8 +112,8 @@ class CornerNetHead(nn.Module):
         return {
             "tl_pool": self.pooling(in_channels, ("top", "left"), pool_channels),
             "br_pool": self.pooling(in_channels, ("bottom", "right"), pool_channels),
-            "tl": KeypointBranches(in_channels, channels, num_classes, heatmap_bias),
-            "br": KeypointBranches(in_channels, channels, num_classes, heatmap_bias),
+            "tl": KeypointBranches(in_channels, channels, num_classes, heatmap_bias, kernel_size=self.branch_kernel),
+            "br": KeypointBranches(in_channels, channels, num_classes, heatmap_bias, kernel_size=self.branch_kernel),
         }
 
     def forward_stack(self, modules: nn.ModuleDict, x: torch.Tensor) -> dict[str, torch.Tensor]:

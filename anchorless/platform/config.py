@@ -36,6 +36,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
 
 
+def _positive_range(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0 < low <= high:
+        raise ValueError(f"expected 0 < low <= high, got {list(value)}")
+    return value
+
+
+class ObjectCropConfig(_Section):
+    """CornerNet-Saccade's training crops (Law et al., CornerNet-Lite): each image becomes one
+    ``data.image_size`` window around a random object, zoomed so that object's longer side is a
+    random size of its size class: 16-32 px (small), 32-96 (medium) or 96 to the window
+    (large); in place of the random crop, scale jitter and letterbox (colour jitter and
+    flip still apply). An image without objects is zoomed by a random factor of
+    ``empty_scale`` and cut at a random place."""
+
+    enabled: bool = False
+    centre_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="probability the window is centred on the object (else anywhere it fits)"
+    )
+    centre_jitter: int = Field(15, ge=0, description="pixels the centred window moves at most, each axis")
+    min_side: float = Field(16.0, gt=0.0, description="smallest longer side a small object is zoomed to")
+    size_bounds: tuple[float, float] = Field(
+        (32.0, 96.0), description="longer sides splitting small, medium and large objects (px, after zoom)"
+    )
+    empty_scale: tuple[float, float] = Field((0.5, 1.0), description="zoom range of an image without objects")
+
+    @field_validator("size_bounds", "empty_scale")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _positive_range(value)
+
+
 class AugmentConfig(_Section):
     """Training-time augmentation; evaluation never augments."""
 
@@ -51,14 +83,12 @@ class AugmentConfig(_Section):
     color_jitter: float = Field(
         0.2, ge=0.0, le=1.0, description="strength of brightness/contrast/saturation jitter"
     )
+    object_crop: ObjectCropConfig = ObjectCropConfig()
 
     @field_validator("scale_jitter")
     @classmethod
     def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 < low <= high:
-            raise ValueError(f"expected 0 < low <= high, got {list(value)}")
-        return value
+        return _positive_range(value)
 
 
 class MultiscaleConfig(_Section):

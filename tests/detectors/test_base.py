@@ -11,6 +11,7 @@ from anchorless.detectors import DETECTORS, build_detector
 from anchorless.detectors.base import SECTIONS, reduce_normalizer
 
 from .conftest import small_config
+from .lite_configs import TINY_LITE, lite_config
 
 
 def test_normaliser_is_clamped_to_one_on_a_single_process():
@@ -38,6 +39,6 @@ def test_normaliser_is_averaged_across_ranks_then_clamped():
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_every_section_is_built_from_the_detectors_components_table(name):
-    model = build_detector(small_config(name))
+    model = build_detector(lite_config(name) if name in TINY_LITE else small_config(name))
     for section in SECTIONS:
         assert type(getattr(model, section)) is DETECTORS[name].components[section], section

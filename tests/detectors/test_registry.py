@@ -12,6 +12,8 @@ from anchorless.detectors import registry
 from anchorless.detectors.centernet import CenterNet
 from anchorless.detectors.centernet_triplets import CenterNetTriplets
 from anchorless.detectors.cornernet import CornerNet
+from anchorless.detectors.cornernet_saccade import CornerNetSaccade
+from anchorless.detectors.cornernet_squeeze import CornerNetSqueeze
 from anchorless.detectors.fcos import FCOS
 from anchorless.detectors.gfl import GFL, GFLV2
 from anchorless.detectors.onenet import OneNet
@@ -25,6 +27,7 @@ def test_registry_names_every_detector():
     assert DETECTORS == {
         "onenet": OneNet, "centernet": CenterNet, "fcos": FCOS, "gfl": GFL, "gfl_v2": GFLV2,
         "cornernet": CornerNet, "centernet_triplets": CenterNetTriplets,
+        "cornernet_squeeze": CornerNetSqueeze, "cornernet_saccade": CornerNetSaccade,
     }  # fmt: skip
 
 
@@ -100,7 +103,7 @@ def test_resolved_config_builds_the_same_detector_again():
         ({"name": "gfl", "loss": {"box_loss": "eiou"}}, "detector.loss.box_loss: expected one of 'iou', 'linear_iou'"),
         ({"name": "centernet", "backbone": {"depth": 101}}, "detector.backbone.depth: expected one of 18, 34, 50"),
         ({"name": "fcos", "head": {"num_convs": 2.5}}, "detector.head.num_convs: expected int, got float 2.5"),
-        ({"name": "yolo"}, "detector.name: unknown detector 'yolo'; expected one of centernet, centernet_triplets, cornernet, fcos, gfl"),
+        ({"name": "yolo"}, "detector.name: unknown detector 'yolo'; expected one of centernet, centernet_triplets, cornernet, cornernet_saccade, cornernet_squeeze, fcos"),
         ({"name": "cornernet", "backbone": {"depth": 101}}, "detector.backbone.depth: expected one of 18, 34, 50, 52, 104"),
         ({"name": "cornernet", "backbone": {"depth": 18, "stacks": 2}},
          "detector.backbone: stacks, channels and blocks apply to the hourglass depths (52, 104) only"),

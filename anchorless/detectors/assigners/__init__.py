@@ -6,6 +6,7 @@ xyxy in input pixels.
 """
 
 from anchorless.detectors.assigners.atss import ATSSAssigner
+from anchorless.detectors.assigners.attention import SaccadeTarget, attention_targets, size_class
 from anchorless.detectors.assigners.base import AssignResult
 from anchorless.detectors.assigners.center_heatmap import CenterHeatmapTarget
 from anchorless.detectors.assigners.corners import CornerTarget, CornerTargets, KeypointTargets
@@ -28,6 +29,9 @@ __all__ = [
     "MinCostAssigner",
     "PointAssigner",
     "PyramidAssigner",
+    "SaccadeTarget",
+    "attention_targets",
     "draw_gaussians",
     "gaussian_radius",
+    "size_class",
 ]

@@ -2,6 +2,6 @@
 
 from anchorless.detectors.necks.deconv import DeconvUpsampler
 from anchorless.detectors.necks.fpn import FPN
-from anchorless.detectors.necks.identity import NoNeck
+from anchorless.detectors.necks.identity import NoNeck, NoNeckStride8
 
-__all__ = ["FPN", "DeconvUpsampler", "NoNeck"]
+__all__ = ["FPN", "DeconvUpsampler", "NoNeck", "NoNeckStride8"]

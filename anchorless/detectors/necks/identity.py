@@ -20,3 +20,10 @@ class NoNeck(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         return features
+
+
+class NoNeckStride8(NoNeck):
+    """:class:`NoNeck` for trunks that end at stride 8 (Hourglass-Squeeze)."""
+
+    in_strides = (8,)
+    out_strides = (8,)

@@ -9,8 +9,10 @@ pad). Our own code decides only which boxes survive a crop.
 ``train_transform`` composes: random crop → scale jitter + letterbox resize
 (a single resize; when the jittered image is larger than the canvas, a random
 canvas-sized window is cut from the original first) → colour jitter → horizontal
-flip → pad bottom/right to ``size x size``. ``eval_transform`` is the letterbox
-alone. Every result records ``scale``, network pixels per original pixel, so
+flip → pad bottom/right to ``size x size``. With ``augment.object_crop`` the first
+two steps are CornerNet-Saccade's crop around a random object instead
+(:func:`object_crop`). ``eval_transform`` is the letterbox alone. Every result
+records ``scale``, network pixels per original pixel, so
 predictions on an evaluation image map back by dividing by it.
 """
 
@@ -24,7 +26,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from anchorless.platform.config import AugmentConfig
+from anchorless.platform.config import AugmentConfig, ObjectCropConfig
 from anchorless.platform.data.images import PAD_VALUE, letterbox_array, letterbox_factor, resized_shape
 
 MIN_VISIBLE_FRACTION = 0.2  # a cropped box showing less of its object than this is dropped
@@ -159,6 +161,68 @@ def letterbox(
     return pad_bottom_right(sample, size) if pad else sample
 
 
+def _window_start(low: float, high: float, extent: int, size: int, rng: np.random.Generator) -> float:
+    """Start of a ``size`` window on an axis ``extent`` long (zoomed pixels) holding [low, high]:
+    anywhere it fits, or centred when the axis is shorter than the window."""
+    if extent <= size:
+        return (extent - size) / 2
+    first, last = max(high - size, 0.0), min(extent - size, low)
+    return float(rng.uniform(first, max(first, last)))
+
+
+def object_crop(sample: Sample, rng: np.random.Generator, *, size: int, settings: ObjectCropConfig) -> Sample:
+    """CornerNet-Saccade's training crop: a ``size x size`` window of the image zoomed so a random
+    object's longer side becomes a random size of its class (``settings.min_side`` to the first
+    bound, between the bounds, the second bound to ``size``), centred on the object (within
+    ``settings.centre_jitter``) with probability ``settings.centre_prob``, else anywhere that holds it.
+    Where the window leaves the image it is padded; only the window is resized (never the
+    whole zoomed image), and boxes follow as in :func:`crop`.
+    """
+    sides = (sample.boxes[:, 2:] - sample.boxes[:, :2]).amax(dim=1) if len(sample.labels) else torch.zeros(0)
+    candidates = torch.nonzero(sides >= 1).squeeze(1)  # a box under a pixel has no size to zoom to
+    zoomed_h, zoomed_w = sample.height, sample.width
+    if len(candidates):
+        chosen = int(candidates[int(rng.integers(len(candidates)))])
+        longer = float(sides[chosen])
+        small, large = settings.size_bounds
+        low, high = (large, size) if longer > large else (small, large) if longer >= small else (settings.min_side, small)
+        factor = float(rng.uniform(low, max(low, high))) / longer
+        x0, y0, x1, y1 = (float(v) * factor for v in sample.boxes[chosen])
+        zoomed_h, zoomed_w = sample.height * factor, sample.width * factor
+        if rng.random() < settings.centre_prob:
+            jitter = rng.integers(-settings.centre_jitter, settings.centre_jitter + 1, size=2)
+            cx = min(max((x0 + x1) / 2 + float(jitter[0]), 0.0), zoomed_w)
+            cy = min(max((y0 + y1) / 2 + float(jitter[1]), 0.0), zoomed_h)
+            left = (zoomed_w - size) / 2 if zoomed_w <= size else cx - size / 2
+            top = (zoomed_h - size) / 2 if zoomed_h <= size else cy - size / 2
+        else:
+            left = _window_start(x0, x1, int(zoomed_w), size, rng)
+            top = _window_start(y0, y1, int(zoomed_h), size, rng)
+    else:
+        factor = float(rng.uniform(*settings.empty_scale))
+        zoomed_h, zoomed_w = sample.height * factor, sample.width * factor
+        left = _window_start(0.0, 0.0, int(zoomed_w), size, rng)
+        top = _window_start(0.0, 0.0, int(zoomed_h), size, rng)
+    # The window in original pixels; the part inside the image is cut, resized and padded.
+    window = max(1, int(round(size / factor)))
+    win_left, win_top = int(round(left / factor)), int(round(top / factor))
+    inside_left, inside_top = max(win_left, 0), max(win_top, 0)
+    inside_w = min(win_left + window, sample.width) - inside_left
+    inside_h = min(win_top + window, sample.height) - inside_top
+    scale = size / window
+    if inside_w < 1 or inside_h < 1:  # the window missed the image: a padded canvas, no boxes
+        blank = Sample.create(torch.full((3, size, size), PAD_VALUE, dtype=torch.uint8), torch.zeros(0, 4), torch.zeros(0))
+        return replace(blank, scale=sample.scale * scale)
+    sample = crop(sample, inside_top, inside_left, inside_h, inside_w)
+    resized_h = min(size, max(1, int(round(inside_h * scale))))
+    resized_w = min(size, max(1, int(round(inside_w * scale))))
+    sample = replace(resize(sample, resized_h, resized_w), scale=sample.scale * scale)
+    pad_left = min(size - resized_w, int(round((inside_left - win_left) * scale)))
+    pad_top = min(size - resized_h, int(round((inside_top - win_top) * scale)))
+    padding = [pad_left, pad_top, size - resized_w - pad_left, size - resized_h - pad_top]  # left, top, right, bottom
+    return replace(sample, image=F.pad(sample.image, padding, fill=PAD_VALUE), boxes=F.pad(sample.boxes, padding))
+
+
 def eval_transform(sample: Sample, size: int) -> Sample:
     """The letterbox alone: deterministic, nothing cropped or dropped."""
     return letterbox(sample, size)
@@ -182,10 +246,13 @@ def train_transform(sample: Sample, rng: np.random.Generator, *, size: int, augm
     """The training augmentations in order; see the module docstring."""
     if not augment.enabled:
         return drop_small_boxes(eval_transform(sample, size))
-    if rng.random() < augment.crop_prob:
-        sample = random_crop(sample, rng, min_fraction=augment.crop_min_fraction)
-    low, high = augment.scale_jitter
-    sample = letterbox(sample, size, scale_factor=float(rng.uniform(low, high)), rng=rng, pad=False)
+    if augment.object_crop.enabled:
+        sample = object_crop(sample, rng, size=size, settings=augment.object_crop)
+    else:
+        if rng.random() < augment.crop_prob:
+            sample = random_crop(sample, rng, min_fraction=augment.crop_min_fraction)
+        low, high = augment.scale_jitter
+        sample = letterbox(sample, size, scale_factor=float(rng.uniform(low, high)), rng=rng, pad=False)
     sample = replace(sample, image=color_jitter(sample.image, rng, augment.color_jitter))
     if rng.random() < augment.hflip_prob:
         sample = hflip(sample)

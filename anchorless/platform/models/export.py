@@ -139,7 +139,9 @@ def model_from_export(
     from anchorless.detectors.layers import fold_batchnorm as fold
 
     detector_cfg = copy.deepcopy(payload["config"]["detector"])
-    detector_cfg.setdefault("backbone", {})["pretrained"] = None  # the export holds every weight
+    backbone = detector_cfg.setdefault("backbone", {})
+    if backbone.get("pretrained") is not None:  # the export holds every weight; not every backbone takes the key
+        backbone["pretrained"] = None
     model = build_detector(detector_cfg)
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:

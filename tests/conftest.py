@@ -10,13 +10,16 @@ import pytest
 TINY_IMAGE_SIZE = 64  # pixels: a training step takes a fraction of a second on a CPU
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Test files with slow tests first, each file's tests in their own order.
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under parallel workers, test files with slow tests first, each file's tests in their own order.
 
-    `make test` hands whole files to parallel workers (pytest-xdist, ``--dist loadfile``)
-    in this order: the minutes-long end-to-end files start at once, and the many quick
-    files fill the gaps, instead of one long file starting last and running alone.
+    `make test` on a machine with four cores or more hands whole files to parallel workers
+    (pytest-xdist, ``--dist loadfile``) in this order: the minutes-long end-to-end files
+    start at once, and the many quick files fill the gaps, instead of one long file
+    starting last and running alone. One process keeps the collection order.
     """
+    if config.getoption("dist", "no") == "no":
+        return
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)  # stable: order within a file kept
 

@@ -33,7 +33,9 @@ def test_normaliser_is_averaged_across_ranks_then_clamped():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         results = mp.get_context("fork").Manager().dict()
-        mp.start_processes(_average_on_two_ranks, args=(init_file, results), nprocs=2, start_method="fork")
+        # Fresh interpreters: a forked rank would inherit the default process group of an
+        # earlier test in this process (the platform tests open one) and could not open its own.
+        mp.start_processes(_average_on_two_ranks, args=(init_file, results), nprocs=2, start_method="spawn")
         assert dict(results) == {0: 1.5, 1: 1.5}
 
 

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torchvision.ops import nms as torchvision_nms
 
-from anchorless.detectors.postprocess.nms import NMS_KINDS, NMSKind, kind_settings, nms, soft_nms_padded
+from anchorless.detectors.postprocess.nms import (
+    NMS_KINDS,
+    NMSKind,
+    kind_settings,
+    nms,
+    pad_detections,
+    soft_nms_padded,
+)
 
 
 class Postprocess(nn.Module):
@@ -103,11 +110,7 @@ class Postprocess(nn.Module):
         top_scores, order = scores.topk(min(self.topk, num), dim=1)  # (B, K')
         top_boxes = boxes.gather(1, order.unsqueeze(-1).expand(-1, -1, 4))  # (B, K', 4)
         top_labels = labels.gather(1, order)  # (B, K')
-        missing = self.topk - top_scores.shape[1]  # fewer candidates than K: pad
-        if missing > 0:
-            top_boxes = torch.nn.functional.pad(top_boxes, (0, 0, 0, missing))
-            top_scores = torch.nn.functional.pad(top_scores, (0, missing))
-            top_labels = torch.nn.functional.pad(top_labels, (0, missing))
+        top_boxes, top_scores, top_labels = pad_detections(top_boxes, top_scores, top_labels, self.topk)
         return {"boxes": top_boxes, "scores": top_scores, "labels": top_labels}
 
 

@@ -253,12 +253,20 @@ def soft_nms_padded(
     picks = torch.cat([pick for pick, _ in picked], dim=1)  # (B, K', 5)
     out_boxes, out_labels = picks[..., :4], picks[..., 4].to(labels.dtype)
     out_scores = torch.cat([score for _, score in picked], dim=1)  # (B, K')
-    missing = topk - out_scores.shape[1]  # fewer candidates than K
+    return pad_detections(out_boxes, out_scores, out_labels, topk)
+
+
+def pad_detections(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, topk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, K', 4) boxes, (B, K') scores and labels padded with zeros to K = ``topk`` columns
+    (a batch-wide decoding with fewer candidates than K)."""
+    missing = topk - scores.shape[1]
     if missing > 0:
-        out_boxes = torch.nn.functional.pad(out_boxes, (0, 0, 0, missing))
-        out_scores = torch.nn.functional.pad(out_scores, (0, missing))
-        out_labels = torch.nn.functional.pad(out_labels, (0, missing))
-    return out_boxes, out_scores, out_labels
+        boxes = torch.nn.functional.pad(boxes, (0, 0, 0, missing))
+        scores = torch.nn.functional.pad(scores, (0, missing))
+        labels = torch.nn.functional.pad(labels, (0, missing))
+    return boxes, scores, labels
 
 
 def kind_settings(kind: str, **settings: Any) -> dict[str, Any]:

@@ -88,20 +88,8 @@ class SaccadeLoss(CornerNetLoss):
         (heatmap, pull, push, offset, alpha, beta, margin as :class:`CornerNetLoss`.)
     """
 
-    def __init__(
-        self,
-        *,
-        heatmap: float = 1.0,
-        pull: float = 0.1,
-        push: float = 0.1,
-        offset: float = 1.0,
-        alpha: float = 2.0,
-        beta: float = 4.0,
-        margin: float = 1.0,
-        attention: float = 1.0,
-        attention_alpha: float = 2.0,
-    ) -> None:
-        super().__init__(heatmap=heatmap, pull=pull, push=push, offset=offset, alpha=alpha, beta=beta, margin=margin)
+    def __init__(self, *, attention: float = 1.0, attention_alpha: float = 2.0, **corner_losses: Any) -> None:
+        super().__init__(**corner_losses)
         # On 0/1 targets the penalty reduction (1 - y)^beta is 1 everywhere: the plain focal loss.
         self.attention_loss = GaussianFocalLoss(weight=attention, alpha=attention_alpha)
 

@@ -131,13 +131,25 @@ def _describe(value: Any) -> str:
 
 
 def config_parameters(component: type) -> dict[str, tuple[Any, Any]]:
-    """The keyword-only constructor arguments of a component: {name: (default, type)}."""
+    """The keyword-only constructor arguments of a component: {name: (default, type)}.
+
+    A constructor that also takes ``**kwargs`` hands them to its parent's, so the parent's
+    arguments are settings too, at the parent's defaults unless the constructor names them
+    again with its own (a subclass states only what it adds or changes).
+    """
+    signature = inspect.signature(component.__init__)
+    parameters: dict[str, tuple[Any, Any]] = {}
+    if any(param.kind is inspect.Parameter.VAR_KEYWORD for param in signature.parameters.values()):
+        parent = next((base for base in component.__mro__[1:] if "__init__" in vars(base)), object)
+        if parent.__module__.startswith("anchorless."):  # not torch's Module or object
+            parameters.update(config_parameters(parent))
     hints = typing.get_type_hints(component.__init__)
-    return {
-        name: (param.default, hints.get(name, Any))
-        for name, param in inspect.signature(component.__init__).parameters.items()
+    parameters.update(
+        (name, (param.default, hints.get(name, Any)))
+        for name, param in signature.parameters.items()
         if param.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    )
+    return parameters
 
 
 # --------------------------------------------------------------------------- resolve

@@ -90,6 +90,23 @@ def test_resolved_config_builds_the_same_detector_again():
     assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+def test_a_component_that_hands_kwargs_to_its_parent_takes_the_parents_settings_at_its_own_defaults():
+    from anchorless.detectors.postprocess.saccade import SaccadePostprocess
+
+    settings = registry.config_parameters(SaccadePostprocess)  # Postprocess <- CornerPostprocess <- Saccade
+    defaults = {name: default for name, (default, _) in settings.items()}
+    assert {"topk", "nms", "nms_beta", "score_threshold", "peak_kernel", "corner_topk", "k_max"} <= set(defaults)
+    assert (defaults["topk"], defaults["nms_beta"], defaults["peak_kernel"]) == (100, None, 3)  # inherited
+    assert (defaults["nms"], defaults["nms_iou"]) == ("soft_gaussian", 0.5)  # CornerNet's, over Postprocess's
+    assert (defaults["nms_sigma"], defaults["corner_topk"], defaults["k_max"]) == (0.7, 12, 30)  # Saccade's own
+    post = {"topk": 7, "peak_kernel": 5, "nms_sigma": 0.4, "center_topk": 9}
+    model = build_detector(small_config("centernet_triplets", postprocess=post, loss={"pull": 0.3}))
+    assert (model.postprocess.topk, model.postprocess.peak_kernel, model.postprocess.center_topk) == (7, 5, 9)
+    assert model.postprocess.nms_settings["sigma"] == 0.4 and model.postprocess.corner_topk == 70
+    with pytest.raises(DetectorConfigError, match="detector.postprocess.k_max: unknown key"):
+        build_detector(small_config("centernet_triplets", postprocess={"k_max": 3}))  # a sibling's, not a parent's
+
+
 @pytest.mark.parametrize(
     "cfg, message",
     [

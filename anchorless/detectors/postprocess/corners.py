@@ -150,22 +150,17 @@ class CornerPostprocess(Postprocess):
     def __init__(
         self,
         *,
-        topk: int = 100,
         nms: bool | NMSKind = "soft_gaussian",
         nms_iou: float = 0.5,
-        score_threshold: float = 0.0,
         nms_sigma: float | None = 0.5,
-        nms_beta: float | None = None,
         nms_min_score: float | None = 0.001,
         corner_topk: int = 100,
         max_embedding_distance: float = 0.5,
         candidates: int = 1000,
         peak_kernel: int = 3,
+        **postprocess: Any,
     ) -> None:
-        super().__init__(
-            topk=topk, nms=nms, nms_iou=nms_iou, score_threshold=score_threshold,
-            nms_sigma=nms_sigma, nms_beta=nms_beta, nms_min_score=nms_min_score,
-        )  # fmt: skip
+        super().__init__(nms=nms, nms_iou=nms_iou, nms_sigma=nms_sigma, nms_min_score=nms_min_score, **postprocess)
         for name, value in (("corner_topk", corner_topk), ("candidates", candidates)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -218,27 +213,14 @@ class TripletPostprocess(CornerPostprocess):
     def __init__(
         self,
         *,
-        topk: int = 100,
-        nms: bool | NMSKind = "soft_gaussian",
-        nms_iou: float = 0.5,
-        score_threshold: float = 0.0,
-        nms_sigma: float | None = 0.5,
-        nms_beta: float | None = None,
-        nms_min_score: float | None = 0.001,
         corner_topk: int = 70,
-        max_embedding_distance: float = 0.5,
-        candidates: int = 1000,
-        peak_kernel: int = 3,
         center_topk: int = 70,
         small_n: int = 3,
         large_n: int = 5,
         scale_split: float = 150.0,
+        **corners: Any,
     ) -> None:
-        super().__init__(
-            topk=topk, nms=nms, nms_iou=nms_iou, score_threshold=score_threshold, nms_sigma=nms_sigma,
-            nms_beta=nms_beta, nms_min_score=nms_min_score, corner_topk=corner_topk,
-            max_embedding_distance=max_embedding_distance, candidates=candidates, peak_kernel=peak_kernel,
-        )  # fmt: skip
+        super().__init__(corner_topk=corner_topk, **corners)
         if center_topk < 1:
             raise ValueError(f"center_topk must be >= 1, got {center_topk}")
         if small_n < 1 or large_n < 1:

@@ -7,6 +7,7 @@ Shapes: B images, C classes, R = locations of all levels, R_l those of level l.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision.ops import clip_boxes_to_image
@@ -30,24 +31,12 @@ class LevelwisePostprocess(Postprocess):
     def __init__(
         self,
         *,
-        topk: int = 100,
         nms: bool | NMSKind = True,
-        nms_iou: float = 0.6,
         score_threshold: float = 0.05,
         pre_nms_topk: int = 1000,
-        nms_sigma: float | None = None,
-        nms_beta: float | None = None,
-        nms_min_score: float | None = None,
+        **postprocess: Any,
     ) -> None:
-        super().__init__(
-            topk=topk,
-            nms=nms,
-            nms_iou=nms_iou,
-            score_threshold=score_threshold,
-            nms_sigma=nms_sigma,
-            nms_beta=nms_beta,
-            nms_min_score=nms_min_score,
-        )
+        super().__init__(nms=nms, score_threshold=score_threshold, **postprocess)
         if pre_nms_topk < 1:
             raise ValueError(f"pre_nms_topk must be >= 1, got {pre_nms_topk}")
         self.pre_nms_topk = pre_nms_topk

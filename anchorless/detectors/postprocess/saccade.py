@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from anchorless.detectors.assigners.attention import size_class
 from anchorless.detectors.postprocess.corners import Candidates, CornerPostprocess
 from anchorless.detectors.postprocess.heatmap import heatmap_peaks
-from anchorless.detectors.postprocess.nms import NMSKind
 
 
 class Locations(NamedTuple):
@@ -256,17 +255,10 @@ class SaccadePostprocess(CornerPostprocess):
     def __init__(
         self,
         *,
-        topk: int = 100,
-        nms: bool | NMSKind = "soft_gaussian",
-        nms_iou: float = 0.5,
-        score_threshold: float = 0.0,
         nms_sigma: float | None = 0.7,
-        nms_beta: float | None = None,
-        nms_min_score: float | None = 0.001,
         corner_topk: int = 12,
         max_embedding_distance: float = 0.3,
         candidates: int = 12,
-        peak_kernel: int = 3,
         init_sizes: Sequence[int] = (255, 192),
         attention_threshold: float = 0.3,
         attention_kernel: int = 3,
@@ -281,11 +273,11 @@ class SaccadePostprocess(CornerPostprocess):
         max_zoom: float = 4.0,
         crop_size: int = 255,
         border_margin: float = 4.0,
+        **corners: Any,
     ) -> None:
         super().__init__(
-            topk=topk, nms=nms, nms_iou=nms_iou, score_threshold=score_threshold, nms_sigma=nms_sigma,
-            nms_beta=nms_beta, nms_min_score=nms_min_score, corner_topk=corner_topk,
-            max_embedding_distance=max_embedding_distance, candidates=candidates, peak_kernel=peak_kernel,
+            nms_sigma=nms_sigma, corner_topk=corner_topk, max_embedding_distance=max_embedding_distance,
+            candidates=candidates, **corners,
         )  # fmt: skip
         if not init_sizes or min(init_sizes) < 1:
             raise ValueError(f"init_sizes must be one or more positive sides, got {list(init_sizes)}")

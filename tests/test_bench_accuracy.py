@@ -89,6 +89,18 @@ def test_every_registered_detector_is_an_entry(bench):
     assert all("num_classes" not in recipe for recipe in bench.DETECTORS.values())  # read from the data
 
 
+def test_saccade_trains_on_256_px_object_crops_and_the_others_on_the_races_canvas(bench, common, tmp_path):
+    import argparse
+
+    data = common.ShardedData("shapes", tmp_path, {"train": tmp_path / "train", "val": tmp_path / "val"}, ["a", "b"], "val")
+    args = argparse.Namespace(image_size=416, minutes=10.0, overrides=["cornernet_saccade:training.seed=3"])
+    saccade = bench.experiment_config("cornernet_saccade", data, tmp_path, args, seed=1)
+    assert (saccade.data.image_size, saccade.data.augment.object_crop.enabled) == (256, True)
+    assert saccade.training.seed == 3 and saccade.detector["num_classes"] == 2  # --set after the entry's own
+    squeeze = bench.experiment_config("cornernet_squeeze", data, tmp_path, args, seed=1)
+    assert (squeeze.data.image_size, squeeze.data.augment.object_crop.enabled, squeeze.training.seed) == (416, False, 1)
+
+
 def test_ablation_rows_follow_their_entry_and_take_its_overrides_then_their_own(bench):
     assert bench.race_rows(["torchvision_fcos_r18", "fcos_r18"], ["ema", "mixup"], ["fcos_r18"]) == [
         "torchvision_fcos_r18", "fcos_r18", "fcos_r18+ema", "fcos_r18+mixup",

@@ -29,8 +29,20 @@ goes on (up to the 1000 candidates): Soft-NMS's worst case.
 Training: seconds per AdamW step (forward, losses, backward, step) at ``--keypoint-size``,
 batch 4, 3 classes, random boxes, in float32, the median over ``--repeats`` steps after one.
 
+CornerNet-Lite (``--lite``: only these): the papers' networks at 80 classes, random weights,
+BatchNorm folded, one image of ``--lite-size`` (512, the papers' 511 rounded to what both trunks
+divide): ``cornernet`` on Hourglass-104 against ``cornernet_squeeze`` on Hourglass-Squeeze, forward
++ pairing + Soft-NMS, thread time as above. Then, when ``--saccade`` and ``--cornernet`` name
+trained models (exports or registry URIs, such as the accuracy race's), the speed/accuracy curve
+of ``cornernet_saccade`` over ``--k-max`` (1 3 6 12) beside CornerNet on the scored split of
+``--data`` (AP by the race's scoring function): images per second of wall time (the predict
+calls only, torch's default threads, so run it on a quiet machine), the crops per image each
+k_max really took, and a plot (``--plot``).
+
     .venv/bin/python bench/inference.py [--size 384] [--batch 2] [--repeats 5]
     .venv/bin/python bench/inference.py --keypoint [--keypoint-size 416] [--repeats 3]
+    .venv/bin/python bench/inference.py --lite [--lite-size 512] [--repeats 3]
+        [--saccade MODEL --cornernet MODEL --data bccd --k-max 1 3 6 12 --plot FILE.png]
 
 Prints a side-by-side table, then one JSON line of headline figures.
 """
@@ -39,8 +51,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torchvision.models.detection import fcos_resnet50_fpn
@@ -152,6 +167,148 @@ def keypoint_section(args: argparse.Namespace) -> dict[str, float]:
     return figures
 
 
+LITE_SPEED_ROWS = {"CornerNet (Hourglass-104)": "cornernet", "CornerNet-Squeeze (Hourglass-Squeeze)": "cornernet_squeeze"}
+
+
+def lite_speed_section(args: argparse.Namespace) -> dict[str, float]:
+    """Squeeze against CornerNet at the same input: the papers' networks, as the platform serves them."""
+    models = {}
+    for label, name in LITE_SPEED_ROWS.items():
+        torch.manual_seed(0)
+        model = build_detector({"name": name, "num_classes": NUM_CLASSES}).eval()
+        parameters = sum(p.numel() for p in model.parameters())
+        models[label] = (fold_batchnorm(model), False)
+        print(f"{label}: {parameters / 1e6:.2f}M parameters")
+    images = torch.rand(1, 3, args.lite_size, args.lite_size)
+    speed = measure(models, images, args.repeats)
+    cornernet, squeeze = (speed[label]["images_per_s"] for label in LITE_SPEED_ROWS)
+    print(f"\nCornerNet-Lite speed, 1 x 3 x {args.lite_size}^2, 1 thread, random weights, 80 classes, "
+          f"forward + pairing + Soft-NMS, median of {args.repeats}")
+    print(f"{'model':<40} | {'img/s':>7} | {'s/img':>7} | {'vs CornerNet':>12}")
+    for label, row in speed.items():
+        ratio = row["images_per_s"] / cornernet
+        print(f"{label:<40} | {row['images_per_s']:>7.3f} | {1 / row['images_per_s']:>7.2f} | {ratio:>11.2f}x")
+    return {
+        "lite_size": args.lite_size,
+        "cornernet_hourglass104_img_s": round(cornernet, 4),
+        "cornernet_squeeze_img_s": round(squeeze, 4),
+        "squeeze_vs_cornernet_ratio": round(squeeze / cornernet, 2),
+    }
+
+
+def timed_scores(model: torch.nn.Module, shard_dir: Path, cfg) -> dict[str, float]:
+    """AP etc. on a split (the race's scoring) with the wall seconds spent in ``model.predict``."""
+    from common import score_on_split
+
+    spent, images = [0.0], [0]
+
+    def predict(batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.predict(batch)
+        spent[0] += time.perf_counter() - start
+        images[0] += len(batch)
+        return out
+
+    scores = score_on_split(predict, shard_dir, cfg)
+    return {**scores, "images": images[0], "images_per_s": images[0] / spent[0]}
+
+
+def count_crops(model: torch.nn.Module) -> list[int]:
+    """Makes ``model`` (a cornernet_saccade) count the locations it looks at: [views + crops]."""
+    looked = [0]
+    look = model.look
+
+    def counting_look(images, where, side):
+        looked[0] += len(where.image)
+        return look(images, where, side)
+
+    model.look = counting_look
+    return looked
+
+
+def kmax_curve_section(args: argparse.Namespace) -> dict:
+    """Saccade's speed/accuracy over k_max beside CornerNet, on the scored split of ``--data``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import SHARD_CACHE, shard_splits
+
+    from anchorless.platform.config import build_config
+    from anchorless.platform.models.loading import load_model
+
+    torch.set_num_threads(args.curve_threads)
+    data = shard_splits(args.data, Path(args.cache or SHARD_CACHE))
+    split = data.shards[data.scored]
+    saccade, saccade_meta = load_model(args.saccade)
+    cornernet, cornernet_meta = load_model(args.cornernet)
+    if saccade_meta["config"]["detector"]["name"] != "cornernet_saccade":
+        raise SystemExit(f"--saccade {args.saccade}: a {saccade_meta['config']['detector']['name']} model, not cornernet_saccade")
+    views_per_image = len(saccade.postprocess.init_sizes)
+    looked = count_crops(saccade)
+    rows = {}
+    load_before = os.getloadavg()[0]
+    for k_max in args.k_max:
+        saccade.postprocess.k_max = k_max
+        looked[0] = 0
+        cfg = build_config(saccade_meta["config"], source=str(args.saccade))
+        row = timed_scores(saccade, split, cfg)
+        row["crops_per_image"] = looked[0] / row["images"] - views_per_image
+        rows[f"cornernet_saccade k_max {k_max}"] = row
+    rows["cornernet"] = timed_scores(cornernet, split, build_config(cornernet_meta["config"], source=str(args.cornernet)))
+    load_after = os.getloadavg()[0]
+    base = rows["cornernet"]
+    print(f"\nSaccade's k_max on {data.name} {data.scored} ({base['images']} images), wall time of predict, "
+          f"{args.curve_threads} threads, load {load_before:.1f} -> {load_after:.1f}")
+    print(f"{'model':<30} | {'crops/img':>9} | {'img/s':>7} | {'vs CornerNet':>12} | {'AP':>6} | {'AP50':>6} | {'AP75':>6}")
+    for name, row in rows.items():
+        crops = f"{row['crops_per_image']:>9.2f}" if "crops_per_image" in row else f"{'-':>9}"
+        print(f"{name:<30} | {crops} | {row['images_per_s']:>7.3f} | {row['images_per_s'] / base['images_per_s']:>11.2f}x | "
+              f"{row['AP']:>6.3f} | {row['AP50']:>6.3f} | {row['AP75']:>6.3f}")
+    if args.plot:
+        plot_kmax_curve(rows, Path(args.plot), f"{data.name} {data.scored}")
+    return {
+        "kmax_curve": {
+            name: {key: round(float(row[key]), 4) for key in ("AP", "AP50", "AP75", "images_per_s", "crops_per_image") if key in row}
+            for name, row in rows.items()
+        },
+        "curve_data": data.name,
+        "curve_threads": args.curve_threads,
+    }
+
+
+def plot_kmax_curve(rows: dict[str, dict], path: Path, split: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from anchorless.files import atomic_path
+
+    saccade = {name.rsplit(" ", 1)[1]: row for name, row in rows.items() if name.startswith("cornernet_saccade")}
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    axes.plot([r["images_per_s"] for r in saccade.values()], [r["AP"] for r in saccade.values()], "o-", label="CornerNet-Saccade")
+    for k_max, row in saccade.items():
+        axes.annotate(f"k_max {k_max}", (row["images_per_s"], row["AP"]), textcoords="offset points", xytext=(5, 5))
+    axes.plot([rows["cornernet"]["images_per_s"]], [rows["cornernet"]["AP"]], "s", label="CornerNet")
+    axes.set(xlabel="images / s (CPU, wall)", ylabel=f"AP ({split})", title="CornerNet-Saccade: speed vs accuracy over k_max")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    os.chmod(path, 0o644)
+    print(f"plot: {path}")
+
+
+def lite_section(args: argparse.Namespace) -> dict:
+    figures = lite_speed_section(args)
+    if args.saccade or args.cornernet:
+        if not (args.saccade and args.cornernet):
+            raise SystemExit("the k_max curve needs both --saccade and --cornernet (trained models)")
+        figures.update(kmax_curve_section(args))
+    return figures
+
+
 def run(model: torch.nn.Module, as_list: bool, images: torch.Tensor) -> int:
     with torch.no_grad():
         out = model(list(images)) if as_list else model.predict(images)
@@ -182,10 +339,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median reported)")
     parser.add_argument("--keypoint-size", type=int, default=416, help="input size of the corner-keypoint rows")
     parser.add_argument("--keypoint", action="store_true", help="only the corner-keypoint rows")
+    parser.add_argument("--lite", action="store_true", help="only the CornerNet-Lite rows (and the k_max curve)")
+    parser.add_argument("--lite-size", type=int, default=512, help="input side of the Squeeze vs CornerNet rows")
+    parser.add_argument("--saccade", help="a trained cornernet_saccade (export path or models:/ URI) for the k_max curve")
+    parser.add_argument("--cornernet", help="a trained CornerNet (export path or models:/ URI) beside the curve")
+    parser.add_argument("--data", default="bccd", help="the curve's data: a preset (bccd, raccoon) or a COCO root")
+    parser.add_argument("--cache", help="shard cache of the curve's data (default: the accuracy race's)")
+    parser.add_argument("--k-max", type=int, nargs="+", default=[1, 3, 6, 12], help="the curve's k_max values")
+    parser.add_argument("--curve-threads", type=int, default=torch.get_num_threads(), help="torch threads of the curve")
+    parser.add_argument("--plot", help="write the curve as a PNG here")
     args = parser.parse_args()
     args.threads = 1  # thread_time counts the calling thread only
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.lite:
+        figures = lite_section(args)
+        print(json.dumps({"benchmark": "inference_lite", "threads": args.threads, **figures}))
+        return
     if args.keypoint:
         figures = keypoint_section(args)
         print(json.dumps({"benchmark": "inference_keypoint", "size": args.keypoint_size, "batch": args.batch,

@@ -33,8 +33,9 @@ warmup steps then a constant LR, gradient clipping at 1.0, BatchNorm everywhere 
 weights exist here); CornerNet-Saccade alone trains on 256-px windows around objects, its
 paper's training (``ENTRY_OVERRIDES``), and is scored on the same ``--image-size`` inputs as the
 rest. torchvision's transform gets ``min_size = max_size = image size`` so it only normalises
-(ImageNet mean/std, as ours), and its score threshold is FCOS's 0.05. Every model is scored by the same function (``common.score_on_split``: pycocotools AP/AP50/AP75 on original
-pixels and the duplicate rate) on the scored split, which no side trained on.
+(ImageNet mean/std, as ours), and its score threshold is FCOS's 0.05. Every model is scored by
+the same function (``common.score_on_split``: pycocotools AP/AP50/AP75 on original pixels and the
+duplicate rate) on the scored split, which no side trained on.
 
     .venv/bin/python bench/accuracy.py --data bccd|raccoon|ROOT [--minutes 10] [--seeds 2] [--only NAME ...]
         [--set [NAME:]key.path=value ...] [--ablate [TRICK ...]] [--ablate-on NAME ...]

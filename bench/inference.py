@@ -35,14 +35,14 @@ divide): ``cornernet`` on Hourglass-104 against ``cornernet_squeeze`` on Hourgla
 + pairing + Soft-NMS, thread time as above. Then, when ``--saccade`` and ``--cornernet`` name
 trained models (exports or registry URIs, such as the accuracy race's), the speed/accuracy curve
 of ``cornernet_saccade`` over ``--k-max`` (1 3 6 12) beside CornerNet on the scored split of
-``--data`` (AP by the race's scoring function): images per second of wall time (the predict
-calls only, torch's default threads, so run it on a quiet machine), the crops per image each
-k_max really took, and a plot (``--plot``).
+``--data`` letterboxed to ``--curve-size`` (416, the race's; AP by the race's scoring function):
+images per second of wall time (the predict calls only, torch's default threads, so run it on a
+quiet machine), the crops per image each k_max really took, and a plot (``--plot``).
 
     .venv/bin/python bench/inference.py [--size 384] [--batch 2] [--repeats 5]
     .venv/bin/python bench/inference.py --keypoint [--keypoint-size 416] [--repeats 3]
     .venv/bin/python bench/inference.py --lite [--lite-size 512] [--repeats 3]
-        [--saccade MODEL --cornernet MODEL --data bccd --k-max 1 3 6 12 --plot FILE.png]
+        [--saccade MODEL --cornernet MODEL --data bccd --curve-size 416 --k-max 1 3 6 12 --plot FILE.png]
 
 Prints a side-by-side table, then one JSON line of headline figures.
 """
@@ -232,8 +232,11 @@ def kmax_curve_section(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import SHARD_CACHE, shard_splits
 
-    from anchorless.platform.config import build_config
+    from anchorless.platform.config import apply_overrides, build_config
     from anchorless.platform.models.loading import load_model
+
+    def scoring_config(meta: dict, source: str):  # the model's own config at the curve's input size
+        return build_config(apply_overrides(meta["config"], [f"data.image_size={args.curve_size}"]), source=source)
 
     torch.set_num_threads(args.curve_threads)
     data = shard_splits(args.data, Path(args.cache or SHARD_CACHE))
@@ -249,14 +252,13 @@ def kmax_curve_section(args: argparse.Namespace) -> dict:
     for k_max in args.k_max:
         saccade.postprocess.k_max = k_max
         looked[0] = 0
-        cfg = build_config(saccade_meta["config"], source=str(args.saccade))
-        row = timed_scores(saccade, split, cfg)
+        row = timed_scores(saccade, split, scoring_config(saccade_meta, str(args.saccade)))
         row["crops_per_image"] = looked[0] / row["images"] - views_per_image
         rows[f"cornernet_saccade k_max {k_max}"] = row
-    rows["cornernet"] = timed_scores(cornernet, split, build_config(cornernet_meta["config"], source=str(args.cornernet)))
+    rows["cornernet"] = timed_scores(cornernet, split, scoring_config(cornernet_meta, str(args.cornernet)))
     load_after = os.getloadavg()[0]
     base = rows["cornernet"]
-    print(f"\nSaccade's k_max on {data.name} {data.scored} ({base['images']} images), wall time of predict, "
+    print(f"\nSaccade's k_max on {data.name} {data.scored} ({base['images']} images at {args.curve_size} px), wall time of predict, "
           f"{args.curve_threads} threads, load {load_before:.1f} -> {load_after:.1f}")
     print(f"{'model':<30} | {'crops/img':>9} | {'img/s':>7} | {'vs CornerNet':>12} | {'AP':>6} | {'AP50':>6} | {'AP75':>6}")
     for name, row in rows.items():
@@ -271,6 +273,7 @@ def kmax_curve_section(args: argparse.Namespace) -> dict:
             for name, row in rows.items()
         },
         "curve_data": data.name,
+        "curve_size": args.curve_size,
         "curve_threads": args.curve_threads,
     }
 
@@ -345,6 +348,7 @@ def main() -> None:
     parser.add_argument("--cornernet", help="a trained CornerNet (export path or models:/ URI) beside the curve")
     parser.add_argument("--data", default="bccd", help="the curve's data: a preset (bccd, raccoon) or a COCO root")
     parser.add_argument("--cache", help="shard cache of the curve's data (default: the accuracy race's)")
+    parser.add_argument("--curve-size", type=int, default=416, help="letterboxed input side of the curve (the accuracy race's)")
     parser.add_argument("--k-max", type=int, nargs="+", default=[1, 3, 6, 12], help="the curve's k_max values")
     parser.add_argument("--curve-threads", type=int, default=torch.get_num_threads(), help="torch threads of the curve")
     parser.add_argument("--plot", help="write the curve as a PNG here")

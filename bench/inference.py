@@ -204,8 +204,7 @@ def timed_scores(model: torch.nn.Module, shard_dir: Path, cfg) -> dict[str, floa
 
     def predict(batch: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model.predict(batch)
+        out = model.predict(batch)  # score_on_split runs under no_grad
         spent[0] += time.perf_counter() - start
         images[0] += len(batch)
         return out
@@ -247,12 +246,13 @@ def kmax_curve_section(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--saccade {args.saccade}: a {saccade_meta['config']['detector']['name']} model, not cornernet_saccade")
     views_per_image = len(saccade.postprocess.init_sizes)
     looked = count_crops(saccade)
+    saccade_scoring = scoring_config(saccade_meta, str(args.saccade))
     rows = {}
     load_before = os.getloadavg()[0]
     for k_max in args.k_max:
         saccade.postprocess.k_max = k_max
         looked[0] = 0
-        row = timed_scores(saccade, split, scoring_config(saccade_meta, str(args.saccade)))
+        row = timed_scores(saccade, split, saccade_scoring)
         row["crops_per_image"] = looked[0] / row["images"] - views_per_image
         rows[f"cornernet_saccade k_max {k_max}"] = row
     rows["cornernet"] = timed_scores(cornernet, split, scoring_config(cornernet_meta, str(args.cornernet)))

@@ -406,8 +406,8 @@ def _stop_processes(state: dict[str, Any]) -> list[str]:
     cluster_id = state["cluster_id"]
     pids = {name: pid for name, pid in state["pids"].items() if pid}
     groups = {name: _owned_group(pid, cluster_id) for name, pid in pids.items()}
-    # All at once: the `ray start --block` leader drains and stops its node on
-    # SIGTERM (Ray allows it 30 s), MLflow's and moto's servers shut down on SIGTERM.
+    # All at once: the `ray start --block` leader stops its node on SIGTERM (draining is off,
+    # see cluster_up), MLflow's and moto's servers shut down on SIGTERM.
     ray_group = groups.get("ray", [])
     first = [proc for proc in ray_group if proc.pid == pids.get("ray")] or ray_group
     _terminate(first + [proc for name, group in groups.items() if name != "ray" for proc in group], grace=40.0)
@@ -675,7 +675,12 @@ def _start(
     for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
         mlflow_env.pop(name, None)  # they would win over the config file's admin
     s3_cmd = [_object_store_executable(), "-H", "127.0.0.1", "-p", str(ports["s3"])] if store else None
-    procs = {"ray": _spawn(ray_cmd, env, Path(logs["ray"])), "mlflow": _spawn(mlflow_cmd, mlflow_env, Path(logs["mlflow"]))}
+    # `cluster down` stops the head with SIGTERM, on which Ray drains the node (up to 30 s) until
+    # it is idle; after any job that trained it never was (measured: 33.6 s to stop, 3.8 s with
+    # draining off). Nothing here needs draining (no Serve proxies): the processes still get
+    # SIGTERM and a grace period.
+    ray_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    procs = {"ray": _spawn(ray_cmd, ray_env, Path(logs["ray"])), "mlflow": _spawn(mlflow_cmd, mlflow_env, Path(logs["mlflow"]))}
     if s3_cmd:
         procs["s3"] = _spawn(s3_cmd, env, Path(logs["s3"]))
     state: dict[str, Any] = {

@@ -51,6 +51,7 @@ TAG_TRIAL = "anchorless.trial"
 TAG_EXPLOIT = "anchorless.pbt.exploit"  # + ".epochNNNN": which trial this one was cloned from, and its new params
 TAG_EARLY_STOPPED = "anchorless.early_stopped"  # "true" on trials the scheduler stopped before their last epoch
 POINTER_FILE = "train_checkpoint.json"  # the whole content of a trial's Tune checkpoint
+TRIAL_DRIVER_CPUS = 0.01  # a trial's driver only waits on its TorchTrainer; Tune refuses zero resources
 
 
 class TuningError(AnchorlessError):
@@ -65,22 +66,34 @@ def trial_run_name(campaign_name: str, trial_id: str) -> str:
     return f"{campaign_name}-{trial_id}"
 
 
-def _searcher(campaign: Campaign) -> Any:
+def trials_that_fit(requested: int, worker_cpus: float, cluster_cpus: float) -> int:
+    """How many of ``requested`` concurrent trials a cluster of ``cluster_cpus`` CPUs runs.
+
+    Each trial holds its training workers' CPUs and its driver's sliver, and Ray Data's
+    decode tasks (one whole CPU each) must still find a CPU beside them: without one every
+    running trial waits for data forever (two one-worker trials on three CPUs did). At least
+    one, even where that one does not fit (a cluster that autoscales gets its CPUs later).
+    """
+    fitting = math.floor((cluster_cpus - 1 + 1e-9) / (worker_cpus + TRIAL_DRIVER_CPUS))
+    return max(1, min(requested, fitting))
+
+
+def _searcher(campaign: Campaign, max_concurrent: int) -> Any:
     spec = campaign.spec
     if spec.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.search.seed)
-        if spec.max_concurrent_trials > 1:
+        if max_concurrent > 1:
             from ray.tune.search import ConcurrencyLimiter
 
-            return ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent_trials)
+            return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
         return searcher
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # random and grid both come from Tune's variant generator: grid dimensions are
     # expanded, sampled ones drawn; a seed makes the draws repeatable.
-    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=spec.max_concurrent_trials)
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=max_concurrent)
 
 
 def _scheduler(campaign: Campaign) -> Any:
@@ -312,7 +325,9 @@ def _run_trial(params: dict[str, Any], campaign_path: str, campaign_overrides: l
 _run_trial.__mixins__ = (_AbortTrainingOnStop,)  # type: ignore[attr-defined]
 
 
-def _tuner(campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequence[str], restart: bool) -> Any:
+def _tuner(
+    campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequence[str], restart: bool, max_concurrent: int
+) -> Any:
     from ray import tune
 
     spec = campaign.spec
@@ -322,9 +337,7 @@ def _tuner(campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequen
         campaign_overrides=[*overrides, *absolute_path_overrides(campaign.base)],
         parent_run_id=parent_run_id,
     )
-    # The trial driver only waits on its TorchTrainer; the workers hold the CPUs
-    # (Tune refuses a request of zero resources, hence a sliver).
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS})  # the workers hold the CPUs
     tuner_path = root / TUNER_DIR
     if not restart and tune.Tuner.can_restore(str(tuner_path)):
         log.info("resuming campaign %r from %s", spec.name, tuner_path)
@@ -335,10 +348,10 @@ def _tuner(campaign: Campaign, root: Path, parent_run_id: str, overrides: Sequen
         tune_config=tune.TuneConfig(
             metric=spec.metric,
             mode=spec.mode,
-            search_alg=_searcher(campaign),
+            search_alg=_searcher(campaign, max_concurrent),
             scheduler=_scheduler(campaign),
             num_samples=spec.num_samples,
-            max_concurrent_trials=spec.max_concurrent_trials,
+            max_concurrent_trials=max_concurrent,
         ),
         run_config=tune.RunConfig(
             name=TUNER_DIR,
@@ -389,10 +402,22 @@ def tune_campaign(
 
     # A local Ray must fit every concurrent trial's workers plus the trial drivers' slivers,
     # and still leave whole CPUs for Ray Data's decode tasks (connect_ray adds one).
-    cpus_needed = spec.max_concurrent_trials * campaign.base.training.num_workers * campaign.base.training.cpus_per_worker
-    started_ray = connect_ray(address, cpus_needed=cpus_needed + 1)
+    worker_cpus = campaign.base.training.num_workers * campaign.base.training.cpus_per_worker
+    cpus_needed = math.ceil(spec.max_concurrent_trials * (worker_cpus + TRIAL_DRIVER_CPUS))
+    started_ray = connect_ray(address, cpus_needed=cpus_needed)
     try:
-        results = _tuner(campaign, root, parent.run_id, overrides, restart).fit()
+        import ray
+
+        cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
+        max_concurrent = trials_that_fit(spec.max_concurrent_trials, worker_cpus, cluster_cpus)
+        if max_concurrent < spec.max_concurrent_trials:
+            log.warning(
+                "campaign %r runs %d trial(s) at a time, not max_concurrent_trials=%d: each holds %g CPUs "
+                "(its training workers and driver) and Ray Data's decoding needs a whole CPU beside them; "
+                "the cluster has %g CPUs",
+                spec.name, max_concurrent, spec.max_concurrent_trials, worker_cpus + TRIAL_DRIVER_CPUS, cluster_cpus,
+            )  # fmt: skip
+        results = _tuner(campaign, root, parent.run_id, overrides, restart, max_concurrent).fit()
         summary = _summarise(campaign, root, parent, results)
     except BaseException:
         parent.finish("FAILED")

@@ -91,3 +91,15 @@ def test_relative_local_paths_are_pinned_for_trials_that_run_in_their_own_direct
     ]
     pinned = build_config({"workspace": str(tmp_path), "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}})
     assert absolute_path_overrides(pinned, "/elsewhere") == []  # absolute paths and 4-slash sqlite URIs stay
+
+
+def test_concurrent_trials_are_capped_so_that_decoding_keeps_a_whole_cpu():
+    from anchorless.platform.tuning.runner import trials_that_fit
+
+    # Two one-worker trials hold 2.02 CPUs: on three CPUs 0.98 would be left and Ray Data's
+    # one-CPU decode tasks could never run, so one trial runs at a time; four CPUs fit both.
+    assert trials_that_fit(2, worker_cpus=1, cluster_cpus=3) == 1
+    assert trials_that_fit(2, worker_cpus=1, cluster_cpus=4) == 2
+    assert trials_that_fit(8, worker_cpus=2, cluster_cpus=16) == 7  # 7 x 2.01 = 14.07, 15 leaves 0.93
+    assert trials_that_fit(3, worker_cpus=1, cluster_cpus=64) == 3  # never more than asked for
+    assert trials_that_fit(2, worker_cpus=4, cluster_cpus=2) == 1  # at least one: an autoscaler may add CPUs

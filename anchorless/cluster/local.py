@@ -676,7 +676,7 @@ def _start(
         mlflow_env.pop(name, None)  # they would win over the config file's admin
     s3_cmd = [_object_store_executable(), "-H", "127.0.0.1", "-p", str(ports["s3"])] if store else None
     # `cluster down` stops the head with SIGTERM, on which Ray drains the node (up to 30 s) until
-    # it is idle; after any job that trained it never was (measured: 33.6 s to stop, 3.8 s with
+    # it is idle; after any job that trained it never was (measured: 33.6 s to stop, 3.6 s with
     # draining off). Nothing here needs draining (no Serve proxies): the processes still get
     # SIGTERM and a grace period.
     ray_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}

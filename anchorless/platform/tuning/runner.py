@@ -403,8 +403,8 @@ def tune_campaign(
     # A local Ray must fit every concurrent trial's workers plus the trial drivers' slivers,
     # and still leave whole CPUs for Ray Data's decode tasks (connect_ray adds one).
     worker_cpus = campaign.base.training.num_workers * campaign.base.training.cpus_per_worker
-    cpus_needed = math.ceil(spec.max_concurrent_trials * (worker_cpus + TRIAL_DRIVER_CPUS))
-    started_ray = connect_ray(address, cpus_needed=cpus_needed)
+    trial_cpus = worker_cpus + TRIAL_DRIVER_CPUS
+    started_ray = connect_ray(address, cpus_needed=math.ceil(spec.max_concurrent_trials * trial_cpus))
     try:
         import ray
 
@@ -415,7 +415,7 @@ def tune_campaign(
                 "campaign %r runs %d trial(s) at a time, not max_concurrent_trials=%d: each holds %g CPUs "
                 "(its training workers and driver) and Ray Data's decoding needs a whole CPU beside them; "
                 "the cluster has %g CPUs",
-                spec.name, max_concurrent, spec.max_concurrent_trials, worker_cpus + TRIAL_DRIVER_CPUS, cluster_cpus,
+                spec.name, max_concurrent, spec.max_concurrent_trials, trial_cpus, cluster_cpus,
             )  # fmt: skip
         results = _tuner(campaign, root, parent.run_id, overrides, restart, max_concurrent).fit()
         summary = _summarise(campaign, root, parent, results)

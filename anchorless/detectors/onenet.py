@@ -209,7 +209,10 @@ class OneNet(SingleMapDetector):
         for k, head in enumerate(outputs["heads"]):
             suffix = "" if k == 0 else f"_{k}"
             matches = [
-                self.assigner(head["cls_logits"][i].detach(), head["boxes"][i].detach(), t["boxes"], t["labels"], image_size)
+                self.assigner(
+                    head["cls_logits"][i].detach(), head["boxes"][i].detach(), t["boxes"], t["labels"], image_size,
+                    points=head["points"], stride=self.stride,
+                )  # fmt: skip
                 for i, t in enumerate(targets)
             ]
             for name, value in self._head_losses(head, targets, matches, image_size, num_boxes).items():

@@ -21,6 +21,24 @@ def test_centernet_decodes_a_constructed_peak_size_and_offset_into_a_box():
     assert len(det["scores"]) == 100
 
 
+def test_centernet_size_scale_multiplies_the_size_branch_only():
+    from anchorless.detectors.centernet import CenterNetHead
+
+    torch.manual_seed(0)
+    plain = CenterNetHead(16, 3)
+    scaled = CenterNetHead(16, 3, size_scale=8.0)
+    scaled.load_state_dict(plain.state_dict())  # same weights: only the scale differs
+    features = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        (heat_p, size_p, off_p), (heat_s, size_s, off_s) = plain(features), scaled(features)
+    torch.testing.assert_close(size_s, 8.0 * size_p)
+    torch.testing.assert_close(heat_s, heat_p)
+    torch.testing.assert_close(off_s, off_p)
+    assert build_detector(small_config("centernet", head={"size_scale": 8.0})).head.size_scale == 8.0
+    with pytest.raises(ValueError, match="size_scale must be > 0"):
+        CenterNetHead(16, 3, size_scale=0.0)
+
+
 class _FixedHead(torch.nn.Module):
     """A head that ignores its input and returns fixed (heatmap logits, size, offset)."""
 

@@ -34,7 +34,7 @@ def test_registry_names_every_detector():
 def test_defaults_are_the_papers_values():
     onenet = default_detector_config("onenet")
     assert onenet["assigner"] == {
-        "cost_cls": 2.0, "cost_l1": 5.0, "cost_giou": 2.0, "mode": "min", "focal_alpha": 0.25, "focal_gamma": 2.0
+        "cost_cls": 2.0, "cost_l1": 5.0, "cost_giou": 2.0, "mode": "min", "focal_alpha": 0.25, "focal_gamma": 2.0, "center_radius": 0.0,
     }
     assert onenet["loss"] == {
         "cls": 2.0, "l1": 5.0, "giou": 2.0, "focal_alpha": 0.25, "focal_gamma": 2.0, "one_to_many": 1.0, "box_loss": "giou"
@@ -111,7 +111,7 @@ def test_a_component_that_hands_kwargs_to_its_parent_takes_the_parents_settings_
     "cfg, message",
     [
         ({"name": "onenet", "assigner": {"cost_gio": 2.0}},
-         "detector.assigner.cost_gio: unknown key; expected one of cost_cls, cost_giou, cost_l1, focal_alpha, focal_gamma, mode"),
+         "detector.assigner.cost_gio: unknown key; expected one of center_radius, cost_cls, cost_giou, cost_l1, focal_alpha, focal_gamma, mode"),
         ({"name": "onenet", "assigner": {"cost_giou": "2"}}, "detector.assigner.cost_giou: expected float, got str '2'"),
         ({"name": "onenet", "assigner": {"mode": "fast"}}, "detector.assigner.mode: expected one of 'min', 'hungarian'"),
         ({"name": "onenet", "postprocess": {"nms": 1}}, "detector.postprocess.nms: expected bool or one of 'none', 'hard'"),

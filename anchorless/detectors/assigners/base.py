@@ -62,3 +62,25 @@ class AssignResult:
         matched = torch.full((self.num_preds,), -1, dtype=torch.long, device=self.pred_idx.device)  # (R,)
         matched[self.pred_idx] = self.gt_idx
         return matched
+
+
+def inside_center_region(points: torch.Tensor, gt_boxes: torch.Tensor, radius: torch.Tensor | float) -> torch.Tensor:
+    """(R, M) bool: location r lies inside box m and within ``radius`` pixels of its centre
+    (the square of half-side ``radius``, clipped to the box: FCOS's centre sampling).
+
+    points (R, 2) xy, gt_boxes (M, 4) xyxy, radius a float or (R, 1) per location (its stride
+    times a radius in strides).
+    """
+    x, y = points[:, 0:1], points[:, 1:2]  # (R, 1)
+    x1, y1, x2, y2 = gt_boxes.unbind(dim=1)  # (M,)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2  # (M,)
+    region = torch.stack(
+        [
+            x - torch.maximum(cx - radius, x1),
+            y - torch.maximum(cy - radius, y1),
+            torch.minimum(cx + radius, x2) - x,
+            torch.minimum(cy + radius, y2) - y,
+        ],
+        dim=2,
+    )  # (R, M, 4)
+    return region.min(dim=2).values > 0

@@ -12,9 +12,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from anchorless.detectors.assigners.base import AssignResult
+from anchorless.detectors.assigners.base import AssignResult, inside_center_region
 from anchorless.detectors.assigners.costs import BoxL1Cost, FocalClassCost, IoUCost
 from anchorless.detectors.losses.iou import IoUKind
+
+
+# Added to the cost of locations outside the centre region: above any real cost (each term is
+# bounded by a few units times its weight), so a location inside always wins when there is one.
+CENTER_PENALTY = 1e4
 
 
 class MinCostAssigner(nn.Module):
@@ -37,6 +42,12 @@ class MinCostAssigner(nn.Module):
         cost_giou: weight of the IoU-family cost (named for its default kind, -GIoU).
         mode: "min" or "hungarian".
         focal_alpha, focal_gamma: focal parameters of the classification cost.
+        center_radius: 0 (OneNet): the one-to-one positive may be any location. > 0: a
+            spatial prior (DeFCN's): only locations inside the box and within this many
+            strides of its centre may be chosen, unless none is (a box smaller than a
+            stride), then any. On objects many cells wide, unrestricted matching lets the
+            positive wander between equally good cells from step to step, and the
+            classifier chases it.
     """
 
     def __init__(
@@ -49,10 +60,14 @@ class MinCostAssigner(nn.Module):
         mode: Literal["min", "hungarian"] = "min",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        center_radius: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in ("min", "hungarian"):
             raise ValueError(f"mode must be 'min' or 'hungarian', got {mode!r}")
+        if center_radius < 0:
+            raise ValueError(f"center_radius must be >= 0, got {center_radius}")
+        self.center_radius = center_radius
         if cost_cls == 0 and cost_l1 == 0 and cost_giou == 0:
             raise ValueError("at least one of cost_cls, cost_l1, cost_giou must be non-zero")
         self.mode = mode
@@ -118,11 +133,28 @@ class MinCostAssigner(nn.Module):
         gt_boxes: torch.Tensor,
         gt_labels: torch.Tensor,
         image_size: tuple[int, int],
+        points: torch.Tensor | None = None,
+        stride: float | None = None,
     ) -> AssignResult:
-        """Assign for one image: one pair per ground truth ("min"), or K = min(M, R) ("hungarian")."""
+        """Assign for one image: one pair per ground truth ("min"), or K = min(M, R) ("hungarian").
+
+        ``points`` (R, 2), the locations' (x, y), and ``stride`` are needed with ``center_radius``.
+        """
         if gt_boxes.shape[0] == 0:
             return self.solve(cls_logits.new_zeros(0, cls_logits.shape[0]))
-        return self.solve(self.cost_matrix(cls_logits, pred_boxes, gt_boxes, gt_labels, image_size))
+        cost = self.cost_matrix(cls_logits, pred_boxes, gt_boxes, gt_labels, image_size)  # (M, R)
+        if self.center_radius > 0:
+            if points is None or stride is None:
+                raise ValueError("center_radius needs the locations' points and the stride")
+            # A finite penalty, not inf: a box with no location near its centre still gets its
+            # cheapest one, and scipy's Hungarian solver refuses infinite rows.
+            cost = cost + CENTER_PENALTY * ~self.center_region(points, gt_boxes, stride)
+        return self.solve(cost)
+
+    @torch.no_grad()
+    def center_region(self, points: torch.Tensor, gt_boxes: torch.Tensor, stride: float) -> torch.Tensor:
+        """(M, R) bool: the location lies inside the box and within ``center_radius`` strides of its centre."""
+        return inside_center_region(points, gt_boxes, self.center_radius * stride).T
 
     @torch.no_grad()
     def one_to_many(

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from anchorless.detectors.assigners.base import AssignResult
+from anchorless.detectors.assigners.base import AssignResult, inside_center_region
 
 
 class PointAssigner(nn.Module):
@@ -68,17 +68,7 @@ class PointAssigner(nn.Module):
 
         if self.center_sampling_radius > 0:
             radius = point_strides[:, None].to(points.dtype) * self.center_sampling_radius  # (R, 1)
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2  # (M,)
-            region = torch.stack(
-                [
-                    x - torch.maximum(cx - radius, x1),
-                    y - torch.maximum(cy - radius, y1),
-                    torch.minimum(cx + radius, x2) - x,
-                    torch.minimum(cy + radius, y2) - y,
-                ],
-                dim=2,
-            )  # (R, M, 4)
-            inside = region.min(dim=2).values > 0  # (R, M)
+            inside = inside_center_region(points, gt_boxes, radius)  # (R, M)
         else:
             inside = ltrb.min(dim=2).values > 0  # (R, M)
 

@@ -88,3 +88,32 @@ def test_one_to_many_gives_an_object_with_no_location_inside_its_cheapest_one_an
     assert match.pred_idx.tolist() == [1] and match.gt_idx.tolist() == [0]
     none = MinCostAssigner().one_to_many(torch.zeros(2, 1), boxes, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), (40, 40), points, 9)
     assert none.pred_idx.numel() == 0 and none.gt_idx.numel() == 0
+
+
+def test_center_radius_keeps_the_one_to_one_positive_near_the_box_centre_unless_no_location_is():
+    # A 40-px-wide object on a row of locations every 4 px; the best-predicted box sits at its
+    # edge (location 1), a poor one at its centre (location 5).
+    points = torch.tensor([[x, 20.0] for x in (2.0, 6.0, 10.0, 14.0, 18.0, 22.0, 26.0, 30.0)])
+    gt = torch.tensor([[4.0, 0.0, 44.0, 40.0]])  # centre (24, 20)
+    boxes = torch.tensor([[20.0, 10.0, 30.0, 30.0]] * 8)
+    boxes[1] = gt[0]
+    labels = torch.tensor([0])
+    logits = torch.zeros(8, 1)
+    free = MinCostAssigner()(logits, boxes, gt, labels, (48, 48))
+    assert free.pred_idx.tolist() == [1]  # OneNet: the cheapest location anywhere
+    prior = MinCostAssigner(center_radius=1.5)
+    # Within 1.5 strides (6 px) of x = 24 and inside the box: x in (18, 30) -> locations 5, 6.
+    assert prior.center_region(points, gt, stride=4).nonzero()[:, 1].tolist() == [5, 6]
+    match = prior(logits, boxes, gt, labels, (48, 48), points=points, stride=4)
+    assert match.pred_idx.tolist() == [5]  # ties: the first of the region
+    # A box between locations (none in its region) still gets its cheapest location; Hungarian too.
+    tiny = torch.tensor([[35.0, 19.0, 37.0, 21.0]])
+    near_tiny = boxes.clone()
+    near_tiny[7] = torch.tensor([34.0, 18.0, 38.0, 22.0])
+    assert prior(logits, near_tiny, tiny, labels, (48, 48), points=points, stride=4).pred_idx.tolist() == [7]
+    hungarian = MinCostAssigner(mode="hungarian", center_radius=1.5)
+    assert hungarian(logits, boxes, gt, labels, (48, 48), points=points, stride=4).pred_idx.tolist() == [5]
+    with pytest.raises(ValueError, match="needs the locations' points"):
+        prior(logits, boxes, gt, labels, (48, 48))
+    with pytest.raises(ValueError, match="center_radius must be >= 0"):
+        MinCostAssigner(center_radius=-1.0)

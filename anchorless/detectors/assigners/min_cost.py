@@ -178,10 +178,7 @@ class MinCostAssigner(nn.Module):
         if num_gt == 0 or num_points == 0:
             return AssignResult.empty(num_points, points.device)
         cost = self.cost_matrix(cls_logits, pred_boxes, gt_boxes, gt_labels, image_size)  # (M, R)
-        x, y = points[:, 0], points[:, 1]  # (R,) each
-        inside = (
-            (x > gt_boxes[:, 0:1]) & (x < gt_boxes[:, 2:3]) & (y > gt_boxes[:, 1:2]) & (y < gt_boxes[:, 3:4])
-        )  # (M, R)
+        inside = inside_center_region(points, gt_boxes, math.inf).T  # (M, R); an unbounded region: the whole box
         costs, pred_idx = cost.masked_fill(~inside, math.inf).topk(min(topk, num_points), dim=1, largest=False)  # (M, k)
         keep = torch.isfinite(costs)  # (M, k)
         outside_only = ~keep[:, 0]  # (M,)

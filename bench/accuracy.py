@@ -85,6 +85,9 @@ DETECTORS = {  # num_classes comes from the data
     # auxiliary one-to-many head (9 positives per object, training only) sharing the box
     # regression; each was measured better on BCCD (BENCHMARKS.md, the OneNet-R18 probes).
     "onenet_r18": {"name": "onenet", "backbone": {"depth": 18}, "head": {"ltrb_scale": 4.0, "one_to_many_topk": 9}},
+    # OneNet's FCOS-head variant (FPN P3-P7, one match over every level) with the same
+    # auxiliary one-to-many head: large objects are matched on a coarse level.
+    "onenet_fpn_r18": {"name": "onenet_fpn", "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}, "head": {"one_to_many_topk": 9}},
     # CenterNet (objects as points) on ResNet-18 + its deconvolution upsampler (configs/bccd_centernet_r18.yaml).
     "centernet_r18": {"name": "centernet", "backbone": {"depth": 18}},
     "fcos_r18": {"name": "fcos", "backbone": {"depth": 18, "norm": "bn", "frozen_stages": 0}},

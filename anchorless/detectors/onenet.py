@@ -12,7 +12,13 @@ as DeFCN's auxiliary loss and YOLOv10's dual assignments do: the backbone, the n
 (by default) the box regression see k times the positives, which speeds up learning from
 scratch, while inference still reads the one-to-one head alone, top-k with no NMS.
 
-Shapes: B images, C classes, H x W the stride-4 map, R = H*W locations, M ground truths.
+``onenet_fpn`` is the paper's FCOS-head variant: FPN P3-P7, FCOS's shared towers, box sides
+regressed in strides (ReLU(scale_l * x) * stride_l), and the same minimum-cost match over
+the locations of every level at once, so an object is matched on the level whose box fits
+it best instead of on a stride-4 cell that must see all of it.
+
+Shapes: B images, C classes, H x W the stride-4 map, R locations (H*W, or those of every
+level), M ground truths.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ from torchvision.ops import clip_boxes_to_image
 
 from anchorless.detectors.assigners import AssignResult, MinCostAssigner
 from anchorless.detectors.backbones import ResNetBackbone
-from anchorless.detectors.base import Detections, SingleMapDetector, grid_points, reduce_normalizer
+from anchorless.detectors.base import Detections, PyramidDetector, SingleMapDetector, grid_points, reduce_normalizer
+from anchorless.detectors.layers import TowerHead, init_dense_head
 from anchorless.detectors.losses import FocalLoss, IoUKind, IoULoss, L1Loss
-from anchorless.detectors.necks import DeconvUpsampler
+from anchorless.detectors.necks import FPN, DeconvUpsampler
 from anchorless.detectors.postprocess import Postprocess, decode_ltrb, topk_dense
 from anchorless.detectors.registry import register
 
@@ -166,39 +173,20 @@ class OneNetLoss(nn.Module):
         self.one_to_many = one_to_many
 
 
-@register("onenet")
-class OneNet(SingleMapDetector):
-    """OneNet: ResNet + deconvolution upsampler, MinCostAssigner, NMS-free top-k."""
+class MinCostTraining:
+    """What both OneNets share once their head's outputs are decoded: the minimum-cost
+    assignment, the losses of every head and the NMS-free top-k.
 
-    components = {
-        "backbone": ResNetBackbone,
-        "neck": DeconvUpsampler,
-        "head": OneNetHead,
-        "assigner": MinCostAssigner,
-        "loss": OneNetLoss,
-        "postprocess": Postprocess,
-    }
-    # Official OneNet R18: BatchNorm, nothing frozen.
-    defaults = {"backbone": {"depth": 18, "norm": "bn"}}
+    ``forward_head`` returns ``{"heads": [head, ...], "one_to_many": head}`` (the last only
+    when training with the auxiliary head), each head a dict of per-location ``cls_logits``
+    (B, R, C), xyxy ``boxes`` (B, R, 4), ``points`` (R, 2) and ``strides`` (a float, or
+    (R, 1) per location), which the centre-region prior of the assigner reads.
+    """
 
     @classmethod
     def part_inputs(cls, section: str, parts: Mapping[str, nn.Module]) -> tuple[Any, ...]:
         # The matching cost's IoU term is the box loss's kind (detector.loss.box_loss).
         return (parts["loss"].giou_loss.kind,) if section == "assigner" else ()
-
-    def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        predictions = self.head(features[-1])
-        outputs: dict[str, Any] = {"heads": [self._decode(cls_logits, ltrb) for cls_logits, ltrb in predictions]}
-        if self.training and self.head.one_to_many is not None:
-            outputs["one_to_many"] = self._decode(*self.head.predict_one_to_many(features[-1], predictions[0][1]))
-        return outputs
-
-    def _decode(self, cls_logits: torch.Tensor, ltrb: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, C, H, W) logits, (B, 4, H, W) ltrb -> per-location logits (B, R, C), xyxy boxes (B, R, 4), points (R, 2)."""
-        height, width = cls_logits.shape[-2:]
-        points = grid_points(height, width, self.stride, cls_logits.device)  # (R, 2)
-        boxes = decode_ltrb(points, ltrb.flatten(2).transpose(1, 2))  # (B, R, 4)
-        return {"cls_logits": cls_logits.flatten(2).transpose(1, 2), "boxes": boxes, "points": points}
 
     def losses(
         self, outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]], image_size: tuple[int, int]
@@ -211,7 +199,7 @@ class OneNet(SingleMapDetector):
             matches = [
                 self.assigner(
                     head["cls_logits"][i].detach(), head["boxes"][i].detach(), t["boxes"], t["labels"], image_size,
-                    points=head["points"], stride=self.stride,
+                    points=head["points"], stride=head["strides"],
                 )  # fmt: skip
                 for i, t in enumerate(targets)
             ]
@@ -274,3 +262,117 @@ class OneNet(SingleMapDetector):
         point_idx, labels = flat_idx // num_classes, flat_idx % num_classes  # (B, K)
         boxes = head["boxes"].gather(1, point_idx.unsqueeze(-1).expand(-1, -1, 4))  # (B, K, 4)
         return self.postprocess.finalize_padded(clip_boxes_to_image(boxes, image_size), scores, labels)
+
+
+@register("onenet")
+class OneNet(MinCostTraining, SingleMapDetector):
+    """OneNet: ResNet + deconvolution upsampler, MinCostAssigner, NMS-free top-k."""
+
+    components = {
+        "backbone": ResNetBackbone,
+        "neck": DeconvUpsampler,
+        "head": OneNetHead,
+        "assigner": MinCostAssigner,
+        "loss": OneNetLoss,
+        "postprocess": Postprocess,
+    }
+    # Official OneNet R18: BatchNorm, nothing frozen.
+    defaults = {"backbone": {"depth": 18, "norm": "bn"}}
+
+    def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        predictions = self.head(features[-1])
+        outputs: dict[str, Any] = {"heads": [self._decode(cls_logits, ltrb) for cls_logits, ltrb in predictions]}
+        if self.training and self.head.one_to_many is not None:
+            outputs["one_to_many"] = self._decode(*self.head.predict_one_to_many(features[-1], predictions[0][1]))
+        return outputs
+
+    def _decode(self, cls_logits: torch.Tensor, ltrb: torch.Tensor) -> dict[str, Any]:
+        """(B, C, H, W) logits, (B, 4, H, W) ltrb -> per-location logits (B, R, C), xyxy boxes (B, R, 4), points (R, 2)."""
+        height, width = cls_logits.shape[-2:]
+        points = grid_points(height, width, self.stride, cls_logits.device)  # (R, 2)
+        boxes = decode_ltrb(points, ltrb.flatten(2).transpose(1, 2))  # (B, R, 4)
+        return {"cls_logits": cls_logits.flatten(2).transpose(1, 2), "boxes": boxes, "points": points, "strides": self.stride}
+
+
+class OneNetPyramidHead(TowerHead):
+    """The FCOS-style OneNet head: FCOS's classification and regression towers shared by every
+    level, class logits on the first, ltrb = ReLU(scale_l * x) * stride_l on the second (no
+    centerness: one positive per object needs no down-weighting of off-centre ones).
+
+    Args:
+        in_channels, num_classes, strides: set by the detector.
+        num_convs: depth of each tower (4).
+        prior_prob: initial foreground probability of the classifier (0.01).
+        ltrb_init: initial bias of the regression, in strides (1: every side starts one
+            stride long and alive; with a zero bias half the ReLU'd sides start dead).
+        one_to_many_topk: 0 (OneNet), or the positives per object of an auxiliary
+            one-to-many classifier (training only) on the classification tower; it learns its
+            boxes through this head's regression, as ``OneNetHead`` shares them.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        strides: tuple[int, ...] = (8, 16, 32, 64, 128),
+        *,
+        num_convs: int = 4,
+        prior_prob: float = 0.01,
+        ltrb_init: float = 1.0,
+        one_to_many_topk: int = 0,
+    ) -> None:
+        super().__init__(in_channels, num_classes, strides, num_convs)
+        if one_to_many_topk < 0:
+            raise ValueError(f"one_to_many_topk must be >= 0, got {one_to_many_topk}")
+        self.ltrb_pred = nn.Conv2d(in_channels, 4, kernel_size=3, padding=1)
+        self.one_to_many_topk = one_to_many_topk
+        self.one_to_many = nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=1) if one_to_many_topk else None
+        init_dense_head(self, self.cls_logits, prior_prob)
+        if self.one_to_many is not None:
+            nn.init.constant_(self.one_to_many.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(self.ltrb_pred.bias, ltrb_init)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """L maps (B, D, H_l, W_l) -> class logits (B, R, C), ltrb in pixels (B, R, 4), and the
+        auxiliary one-to-many logits (B, R, C) when training with them, else None."""
+        with_one_to_many = self.training and self.one_to_many is not None
+        cls_logits, ltrb, one_to_many = [], [], []
+        for level, feature in enumerate(features):
+            cls_feat, reg_feat = self.cls_tower(feature), self.reg_tower(feature)
+            cls_logits.append(self.cls_logits(cls_feat).flatten(2))  # (B, C, H_l*W_l)
+            ltrb.append((torch.relu(self.ltrb_pred(reg_feat) * self.scales[level]) * self.strides[level]).flatten(2))
+            if with_one_to_many:
+                one_to_many.append(self.one_to_many(cls_feat).flatten(2))
+        return (
+            torch.cat(cls_logits, dim=2).transpose(1, 2),  # (B, R, C)
+            torch.cat(ltrb, dim=2).transpose(1, 2),  # (B, R, 4)
+            torch.cat(one_to_many, dim=2).transpose(1, 2) if with_one_to_many else None,
+        )
+
+
+@register("onenet_fpn")
+class OneNetFPN(MinCostTraining, PyramidDetector):
+    """OneNet with the FCOS head (the paper's FPN variant): ResNet + FPN P3-P7, one
+    minimum-cost match over the locations of every level, NMS-free top-k."""
+
+    components = {
+        "backbone": ResNetBackbone,
+        "neck": FPN,
+        "head": OneNetPyramidHead,
+        "assigner": MinCostAssigner,
+        "loss": OneNetLoss,
+        "postprocess": Postprocess,
+    }
+    # The paper's FCOS-head OneNet is an R50 FPN on Detectron2's defaults: frozen BatchNorm,
+    # stem and res2 frozen (as our FCOS).
+    defaults = {"backbone": {"depth": 50, "norm": "frozen_bn", "frozen_stages": 2}}
+
+    def forward_head(self, features: list[torch.Tensor]) -> dict[str, Any]:
+        cls_logits, ltrb, one_to_many_logits = self.head(features)
+        locations = self.locations(features, self.head.strides)
+        points, strides = locations["points"], locations["point_strides"][:, None].to(ltrb.dtype)  # (R, 2), (R, 1)
+        head = {"cls_logits": cls_logits, "boxes": decode_ltrb(points, ltrb), "points": points, "strides": strides}
+        outputs: dict[str, Any] = {"heads": [head]}
+        if one_to_many_logits is not None:
+            outputs["one_to_many"] = {**head, "cls_logits": one_to_many_logits}
+        return outputs

@@ -11,6 +11,7 @@ from .lite_configs import lite_config
 
 LOSS_NAMES = {
     "onenet": {"loss_cls", "loss_l1", "loss_giou", "loss"},
+    "onenet_fpn": {"loss_cls", "loss_l1", "loss_giou", "loss"},
     "centernet": {"loss_heatmap", "loss_size", "loss_offset", "loss"},
     "fcos": {"loss_cls", "loss_box", "loss_centerness", "loss"},
     "gfl": {"loss_qfl", "loss_box", "loss_dfl", "loss"},
@@ -24,6 +25,7 @@ SIZE = 128
 # FCOS's size ranges are scaled down so that every level of a 128-pixel image gets positives.
 CONFIGS = {
     "onenet": small_config("onenet"),
+    "onenet_fpn": small_config("onenet_fpn"),  # one match over every level's locations
     "centernet": small_config("centernet"),
     "fcos": small_config("fcos", assigner={"size_ranges": [-1, 16, 32, 48, 64, 1e8]}),
     "gfl": small_config("gfl"),  # ATSS: every level takes part whatever the image size

@@ -16,7 +16,7 @@ from anchorless.detectors.cornernet_saccade import CornerNetSaccade
 from anchorless.detectors.cornernet_squeeze import CornerNetSqueeze
 from anchorless.detectors.fcos import FCOS
 from anchorless.detectors.gfl import GFL, GFLV2
-from anchorless.detectors.onenet import OneNet
+from anchorless.detectors.onenet import OneNet, OneNetFPN
 
 from .conftest import small_config
 
@@ -25,7 +25,7 @@ PACKAGE = Path(detectors.__file__).parent
 
 def test_registry_names_every_detector():
     assert DETECTORS == {
-        "onenet": OneNet, "centernet": CenterNet, "fcos": FCOS, "gfl": GFL, "gfl_v2": GFLV2,
+        "onenet": OneNet, "onenet_fpn": OneNetFPN, "centernet": CenterNet, "fcos": FCOS, "gfl": GFL, "gfl_v2": GFLV2,
         "cornernet": CornerNet, "centernet_triplets": CenterNetTriplets,
         "cornernet_squeeze": CornerNetSqueeze, "cornernet_saccade": CornerNetSaccade,
     }  # fmt: skip

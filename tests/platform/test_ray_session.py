@@ -53,3 +53,40 @@ def test_a_local_ray_started_by_connect_ray_listens_on_loopback_only():
     assert {"gcs_server", "raylet"} <= names, found["sockets"]
     exposed = [entry for entry in found["sockets"] if not _is_loopback(entry[1])]
     assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+def test_what_ray_hands_its_coordinators_unpickles_without_importing_torch():
+    """Ray's controller and data coordinators unpickle the decode functions and the worker plan
+    only to pass them on: doing so must not import torch (3-5 CPU-s per process)."""
+    import pickle
+
+    from anchorless.platform.data.pipeline import _decode_stream_items, decode_and_transform
+    from anchorless.platform.ray_session import ImportedWhereCalled
+    from anchorless.platform.training.handover import Fault, WorkerPlan
+
+    decode = ImportedWhereCalled.of(decode_and_transform)
+    assert decode.__name__ == "decode_and_transform" and decode(_empty_shard_block(), **_DECODE_KWARGS)["image"].shape[0] == 0
+    plan = WorkerPlan("run", "sqlite://", {}, 10, 2, None, [1], fault=Fault("kill", 1, 3, None, "marker"))
+    shipped = pickle.dumps([decode, ImportedWhereCalled.of(_decode_stream_items), plan])
+    code = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print(sorted(m for m in ('torch', 'anchorless.detectors', 'anchorless.platform.data.pipeline') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], input=shipped, capture_output=True, check=True)
+    assert result.stdout.decode().strip() == "[]"
+
+
+_DECODE_KWARGS = {"image_size": 32, "max_boxes": 4, "augment": None, "seed": 0}
+
+
+def _empty_shard_block():
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "image_id": pa.array([], pa.int64()),
+            "width": pa.array([], pa.int32()),
+            "height": pa.array([], pa.int32()),
+            "image": pa.array([], pa.binary()),
+            "boxes": pa.array([], pa.list_(pa.float32())),
+            "labels": pa.array([], pa.list_(pa.int64())),
+            "iscrowd": pa.array([], pa.list_(pa.int64())),
+        }
+    )

@@ -63,6 +63,7 @@ from anchorless.platform.data.images import decode_image_bytes
 from anchorless.platform.data.mixup import mix_samples
 from anchorless.platform.data.shards import read_manifest, resolve_location
 from anchorless.platform.data.transforms import Sample, eval_transform, train_transform
+from anchorless.platform.ray_session import ImportedWhereCalled
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def build_dataset(
         # shards again costs seconds each time, decoding from cached blocks none.
         dataset = dataset.materialize()
     return dataset.map_batches(
-        decode_and_transform,
+        ImportedWhereCalled.of(decode_and_transform),  # Ray's coordinators need not import torch
         batch_size=block_rows,
         batch_format="pyarrow",
         zero_copy_batch=True,
@@ -216,7 +217,7 @@ def _multi_pass_stream(
     # A short stream still gets a few tasks per CPU, or one task would decode it all.
     blocks_per_task = max(1, min(blocks_per_task, items // (2 * max(1, int(ray.cluster_resources().get("CPU", 1))))))
     return ray.data.range(items, override_num_blocks=-(-items // blocks_per_task)).map_batches(
-        _decode_stream_items,
+        ImportedWhereCalled.of(_decode_stream_items),
         batch_size=None,
         batch_format="numpy",
         fn_kwargs={"blocks": blocks, "passes": passes, **decode_kwargs},

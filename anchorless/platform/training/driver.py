@@ -42,6 +42,7 @@ from anchorless.platform.progress import QUIET_WORKER_ENV, ProgressDisplay, crea
 from anchorless.platform.ray_session import connect_ray
 from anchorless.platform.tracking.tracker import Outbox, Tracker
 from anchorless.platform.training.engine import model_state_dict, worker_env
+from anchorless.platform.training.handover import WorkerPlan
 from anchorless.platform.training.plan import (
     DRIVER_OUTBOX,
     RANK0_OUTBOX,
@@ -49,7 +50,6 @@ from anchorless.platform.training.plan import (
     SUMMARY_FILE,
     RunPlan,
     TrainingError,
-    WorkerPlan,
     adopt_start_checkpoint,
     category_table,
     fault_from_env,

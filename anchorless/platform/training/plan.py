@@ -23,6 +23,7 @@ from anchorless.platform.config import ConfigError, ExperimentConfig
 from anchorless.platform.data.pipeline import steps_per_epoch
 from anchorless.platform.data.shards import read_manifest, resolve_location
 from anchorless.platform.training.engine import CHECKPOINT_SUBDIR, deepspeed_config
+from anchorless.platform.training.handover import Fault
 from anchorless.platform.training.tricks import apply_label_smoothing
 
 log = logging.getLogger(__name__)
@@ -67,35 +68,6 @@ class RunPlan:
         if self.storage_filesystem is None or self.storage_filesystem.type_name == "local":
             return path
         return f"{self.storage_filesystem.type_name}://{path}"
-
-
-@dataclass(frozen=True)
-class Fault:
-    """A fault to inject once (test hook, from ``$ANCHORLESS_FAULT``); ``marker`` records it happened."""
-
-    kind: str  # "kill" (SIGKILL the worker) or "nan" (make a loss term NaN)
-    rank: int
-    step: int  # the optimizer step it happens before
-    term: str | None  # the loss term, for "nan"
-    marker: str
-
-
-@dataclass(frozen=True)
-class WorkerPlan:
-    """What every Ray Train worker is handed beside the config: the driver's decisions."""
-
-    run_id: str  # the MLflow run rank 0 logs to
-    tracking_uri: str
-    deepspeed_config: dict[str, Any]
-    total_steps: int  # optimizer steps of the whole run (the LR schedule's length)
-    micro_steps_per_epoch: int  # batches per rank per epoch, the same on every rank
-    val_dir: str | None
-    label_to_category_id: list[int]  # COCO category id of each contiguous label
-    progress_queue: Any = None  # the driver's progress display
-    fault: Fault | None = None
-    start_checkpoint: str | None = None  # another run's checkpoint to start from until this run has its own
-    outbox: str | None = None  # where rank 0 keeps the tracking calls an MLflow outage held back
-    quiet: bool = True  # keep Ray's, Ray Data's and DeepSpeed's start-up chatter out of the worker logs
 
 
 def run_name(cfg: ExperimentConfig) -> str:

@@ -55,7 +55,7 @@ from anchorless.platform.training.engine import (
     set_schedule_clock,
     training_autocast,
 )
-from anchorless.platform.training.plan import Fault, WorkerPlan
+from anchorless.platform.training.handover import Fault, WorkerPlan
 from anchorless.platform.training.tricks import WeightEma, apply_label_smoothing
 
 STATE_FILE = "anchorless_state.json"

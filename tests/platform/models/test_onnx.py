@@ -28,6 +28,7 @@ TINY = {
     "onenet": {"neck": {"channels": [32, 32, 32]}},
     "centernet": {"neck": {"channels": [32, 32, 32]}},
     "fcos": {"backbone": {"depth": 18}, "neck": {"out_channels": 32}, "head": {"num_convs": 1}},
+    "onenet_fpn": {"backbone": {"depth": 18}, "neck": {"out_channels": 32}, "head": {"num_convs": 1}},
     # Its default Soft-NMS: a loop of topk picks unrolled in the graph (a few here: export time).
     "cornernet": {
         "backbone": {"depth": 18, "upsample_channels": [32, 32, 32]}, "head": {"channels": 32, "pool_channels": 32},
@@ -70,7 +71,7 @@ def graphs(tmp_path_factory):
     return graph
 
 
-@pytest.mark.parametrize("name", ["onenet", "centernet", "fcos", "cornernet"])
+@pytest.mark.parametrize("name", ["onenet", "centernet", "fcos", "onenet_fpn", "cornernet"])
 def test_the_graph_runs_in_onnxruntime_like_torch_with_any_batch_and_carries_its_meta(name, graphs):
     model, path = graphs(name)
 

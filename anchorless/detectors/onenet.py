@@ -23,7 +23,6 @@ level), M ground truths.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,7 @@ from torchvision.ops import clip_boxes_to_image
 from anchorless.detectors.assigners import AssignResult, MinCostAssigner
 from anchorless.detectors.backbones import ResNetBackbone
 from anchorless.detectors.base import Detections, PyramidDetector, SingleMapDetector, grid_points, reduce_normalizer
-from anchorless.detectors.layers import TowerHead, init_dense_head
+from anchorless.detectors.layers import TowerHead, init_dense_head, prior_logit
 from anchorless.detectors.losses import FocalLoss, IoUKind, IoULoss, L1Loss
 from anchorless.detectors.necks import FPN, DeconvUpsampler
 from anchorless.detectors.postprocess import Postprocess, decode_ltrb, topk_dense
@@ -52,7 +51,7 @@ def _init_convs(module: nn.Module, classifier: nn.Conv2d, prior_prob: float) -> 
         if isinstance(conv, nn.Conv2d):
             nn.init.xavier_uniform_(conv.weight)
             nn.init.zeros_(conv.bias)
-    nn.init.constant_(classifier.bias, -math.log((1 - prior_prob) / prior_prob))
+    nn.init.constant_(classifier.bias, prior_logit(prior_prob))
 
 
 class OneNetHead(nn.Module):
@@ -329,7 +328,7 @@ class OneNetPyramidHead(TowerHead):
         self.one_to_many = nn.Conv2d(in_channels, num_classes, kernel_size=3, padding=1) if one_to_many_topk else None
         init_dense_head(self, self.cls_logits, prior_prob)
         if self.one_to_many is not None:
-            nn.init.constant_(self.one_to_many.bias, -math.log((1 - prior_prob) / prior_prob))
+            nn.init.constant_(self.one_to_many.bias, prior_logit(prior_prob))
         nn.init.constant_(self.ltrb_pred.bias, ltrb_init)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

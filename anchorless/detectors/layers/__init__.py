@@ -11,7 +11,7 @@ from anchorless.detectors.layers.deform_conv import ModulatedDeformConv3x3
 from anchorless.detectors.layers.fire import FireModule
 from anchorless.detectors.layers.fusion import count_batchnorms, fold_batchnorm
 from anchorless.detectors.layers.norm import norm_layer
-from anchorless.detectors.layers.tower import TowerHead, conv_tower, init_dense_head
+from anchorless.detectors.layers.tower import TowerHead, conv_tower, init_dense_head, prior_logit
 
 __all__ = [
     "CascadeCornerPooling",
@@ -26,4 +26,5 @@ __all__ = [
     "fold_batchnorm",
     "init_dense_head",
     "norm_layer",
+    "prior_logit",
 ]

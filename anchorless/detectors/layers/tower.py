@@ -17,6 +17,11 @@ def conv_tower(channels: int, num_convs: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def prior_logit(prior_prob: float) -> float:
+    """The classifier bias that starts every class at ``prior_prob`` (the focal-loss prior)."""
+    return -math.log((1 - prior_prob) / prior_prob)
+
+
 def init_dense_head(head: nn.Module, classifier: nn.Conv2d, prior_prob: float) -> None:
     """Every conv of ``head``: normal(std 0.01) weights, zero biases (the official FCOS, ATSS
     and GFL initialisation); the classifier's bias starts every class at ``prior_prob``."""
@@ -24,7 +29,7 @@ def init_dense_head(head: nn.Module, classifier: nn.Conv2d, prior_prob: float) -
         if isinstance(module, nn.Conv2d):
             nn.init.normal_(module.weight, std=0.01)
             nn.init.zeros_(module.bias)
-    nn.init.constant_(classifier.bias, -math.log((1 - prior_prob) / prior_prob))
+    nn.init.constant_(classifier.bias, prior_logit(prior_prob))
 
 
 class TowerHead(nn.Module):

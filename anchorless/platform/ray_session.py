@@ -113,9 +113,5 @@ class ImportedWhereCalled:
     def of(cls, function: Callable[..., Any]) -> ImportedWhereCalled:
         return cls(function.__module__, function.__qualname__)
 
-    @property
-    def __name__(self) -> str:  # Ray Data names the operator after its function
-        return self.qualname
-
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(importlib.import_module(self.module), self.qualname)(*args, **kwargs)

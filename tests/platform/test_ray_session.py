@@ -65,7 +65,7 @@ def test_what_ray_hands_its_coordinators_unpickles_without_importing_torch():
     from anchorless.platform.training.handover import Fault, WorkerPlan
 
     decode = ImportedWhereCalled.of(decode_and_transform)
-    assert decode.__name__ == "decode_and_transform" and decode(_empty_shard_block(), **_DECODE_KWARGS)["image"].shape[0] == 0
+    assert (decode.module, decode.qualname) == ("anchorless.platform.data.pipeline", "decode_and_transform") and decode(_empty_shard_block(), **_DECODE_KWARGS)["image"].shape[0] == 0
     plan = WorkerPlan("run", "sqlite://", {}, 10, 2, None, [1], fault=Fault("kill", 1, 3, None, "marker"))
     shipped = pickle.dumps([decode, ImportedWhereCalled.of(_decode_stream_items), plan])
     code = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print(sorted(m for m in ('torch', 'anchorless.detectors', 'anchorless.platform.data.pipeline') if m in sys.modules))"

@@ -39,6 +39,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -203,6 +204,22 @@ def quiet_deepspeed() -> None:
         pass
 
 
+def use_this_environments_ninja() -> None:
+    """Put this Python environment's scripts directory, with the ``ninja`` DeepSpeed installs,
+    first on this process's PATH.
+
+    DeepSpeed builds its CPU communication op with torch's extension builder, which runs the
+    first ``ninja`` on PATH into one shared build cache. A process whose PATH lacks the
+    environment's scripts (a worker of a Ray started by ``python -m``) found the system's
+    ninja instead; two ninja versions each take the other's build log as stale, so runs
+    alternating between them rebuilt the op every time (~40 s on two cores).
+    """
+    scripts = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(scripts, "ninja")) and path.split(os.pathsep)[0] != scripts:
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+
+
 def build_engine(
     model: torch.nn.Module,
     ds_config: dict[str, Any],
@@ -211,6 +228,7 @@ def build_engine(
     budget_seconds: float | None = None,
 ) -> tuple[Any, torch.optim.lr_scheduler.LRScheduler]:
     """Wrap ``model`` in a DeepSpeed engine; the process group must already exist (Ray Train made it)."""
+    use_this_environments_ninja()
     quiet_deepspeed()
     # DeepSpeed prints its op builds to stdout on every rank; the exceptions still surface.
     with contextlib.redirect_stdout(io.StringIO()):

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from anchorless.platform.training.engine import (
     lr_scheduler_factory,
     model_state_dict,
     save_engine,
+    use_this_environments_ninja,
 )
 
 from tests.platform.conftest import tiny_model
@@ -256,3 +258,14 @@ def test_batchnorm_running_statistics_are_averaged_over_ranks_so_every_rank_hold
         expected = (2, [0.5] * 4, [2.0] * 4, True)  # means and variances averaged; weights untouched
         assert dict(results) == {0: expected, 1: expected}
     assert average_batchnorm_statistics(torch.nn.BatchNorm2d(4)) == 0  # one process: nothing to do
+
+
+def test_deepspeeds_op_builds_use_the_ninja_of_this_environment_whatever_path_the_process_got(monkeypatch):
+    scripts = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(scripts, "ninja")):
+        pytest.skip("this environment has no ninja of its own")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))
+    use_this_environments_ninja()
+    use_this_environments_ninja()  # once on PATH, not again
+    assert os.environ["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
+    assert shutil.which("ninja") == os.path.join(scripts, "ninja")

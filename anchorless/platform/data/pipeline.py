@@ -526,6 +526,7 @@ class EpochStream:
         }
         self._iterator, self._device = iterator, device
         self._batches: Iterator[dict[str, np.ndarray]] | None = None
+        self._ahead: dict[str, np.ndarray] | None = None  # fetched by fetch_ahead, not yet trained on
 
     def _endless(self) -> Iterator[dict[str, np.ndarray]]:
         while True:
@@ -545,11 +546,25 @@ class EpochStream:
 
     def close(self) -> None:
         """End the execution in flight, if any; the next batch starts a new one."""
+        self._ahead = None
         if self._batches is not None:
             self._batches.close()
             self._batches = None
 
+    def fetch_ahead(self) -> None:
+        """Fetch the next batch now; the next epoch starts with it.
+
+        A worker calls this in a thread while it builds its engine: a new execution's first
+        batch waits for Ray Data to plan it and start its decode processes (seconds), which
+        then overlaps the build instead of following it. Every rank calls it, or none does.
+        """
+        if self._ahead is None:
+            self._ahead = self._next_batch()
+
     def _next_batch(self) -> dict[str, np.ndarray]:
+        if self._ahead is not None:
+            batch, self._ahead = self._ahead, None
+            return batch
         if self._batches is None:
             self._batches = self._endless()
         return next(self._batches)

@@ -5,7 +5,8 @@ to the ``TorchTrainer``; it reads in four steps, like Ray's own ``train_func`` e
 
 1. :func:`_start` builds the detector and its DeepSpeed engine, loads the latest
    reported checkpoint (or, for a run started from another run's checkpoint, a PBT
-   exploit, that one until it has its own) and opens rank 0's MLflow run;
+   exploit, that one until it has its own) and, meanwhile, fetches the first batch and
+   opens rank 0's MLflow run;
 2. :func:`_train_one_epoch` streams this rank's equal share of the train split
    through the engine;
 3. :func:`_evaluate_and_checkpoint`: at each checkpoint epoch all ranks predict their
@@ -143,6 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 break
         return None
     finally:
+        run.stream.close()  # an execution still in flight (a run with nothing left to train started one)
         run.side_work.shutdown(wait=True)  # the last step logs are out
         if run.tracker is not None:
             run.tracker.flush()  # a last try at what an outage held back; the driver tries again after
@@ -163,6 +165,47 @@ def _start(cfg: ExperimentConfig, plan: WorkerPlan) -> tuple[WorkerRun, ray.trai
     device = ray.train.torch.get_device()
     forward_worker_warnings(plan.progress_queue, rank)
 
+    # One stream for the whole run: with the split cached, a Ray Data execution spans many epochs.
+    stream = EpochStream(
+        ray.train.get_dataset_shard("train"),
+        batch_size=cfg.data.batch_size,
+        steps=plan.micro_steps_per_epoch,  # the same on every rank
+        device=device,
+        prefetch_batches=cfg.data.prefetch_batches,
+    )
+    # The first batch and rank 0's MLflow run come while the engine is built (each is seconds of waiting).
+    early = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anchorless-start")
+    try:
+        first_batch = early.submit(stream.fetch_ahead)
+        tracker = None
+        if rank == 0:
+            outbox = Outbox(plan.outbox) if plan.outbox else None
+            tracker = early.submit(Tracker.attach, cfg, plan.run_id, plan.tracking_uri, outbox=outbox)
+        engine, scheduler, ema, state, checkpoint, started_elsewhere = _build_and_load(cfg, plan, device, world_size)
+        first_batch.result()
+    finally:
+        early.shutdown(wait=False)  # a failed build does not wait for a batch that may never come
+    run = WorkerRun(
+        cfg=cfg, plan=plan, rank=rank, world_size=world_size, engine=engine, scheduler=scheduler,
+        forward_precision=training_autocast(training, device), state=state, stream=stream,
+        val_shard=ray.train.get_dataset_shard("val"), ema=ema,
+    )  # fmt: skip
+    if tracker is not None:
+        run.tracker = tracker.result()
+        run.progress = ProgressSender(plan.progress_queue)
+        run.progress.send(
+            "start", epoch=state.epoch, step=engine.global_steps, resumed=checkpoint is not None,
+            train_seconds=state.train_seconds,
+        )  # fmt: skip
+    return run, checkpoint if started_elsewhere else None
+
+
+def _build_and_load(cfg: ExperimentConfig, plan: WorkerPlan, device: torch.device, world_size: int) -> tuple[Any, ...]:
+    """The engine, its schedule, the EMA and the loop state, from the checkpoint to continue from.
+
+    Returns ``(engine, scheduler, ema, state, checkpoint, started_elsewhere)``.
+    """
+    training = cfg.training
     model = build_detector(cfg.detector)
     apply_label_smoothing(model, training.label_smoothing)
     if training.sync_batchnorm and world_size > 1:
@@ -184,28 +227,7 @@ def _start(cfg: ExperimentConfig, plan: WorkerPlan) -> tuple[WorkerRun, ray.trai
             ema.load_state(saved)  # a checkpoint without an EMA: it starts from the loaded weights
     if budget_s is not None:
         set_schedule_clock(scheduler, state.train_seconds)  # the same saved value on every rank
-
-    # One stream for the whole run: with the split cached, a Ray Data execution spans many epochs.
-    stream = EpochStream(
-        ray.train.get_dataset_shard("train"),
-        batch_size=cfg.data.batch_size,
-        steps=plan.micro_steps_per_epoch,  # the same on every rank
-        device=device,
-        prefetch_batches=cfg.data.prefetch_batches,
-    )
-    run = WorkerRun(
-        cfg=cfg, plan=plan, rank=rank, world_size=world_size, engine=engine, scheduler=scheduler,
-        forward_precision=training_autocast(training, device), state=state, stream=stream,
-        val_shard=ray.train.get_dataset_shard("val"), ema=ema,
-    )  # fmt: skip
-    if rank == 0:
-        run.tracker = Tracker.attach(cfg, plan.run_id, plan.tracking_uri, outbox=Outbox(plan.outbox) if plan.outbox else None)
-        run.progress = ProgressSender(plan.progress_queue)
-        run.progress.send(
-            "start", epoch=state.epoch, step=engine.global_steps, resumed=checkpoint is not None,
-            train_seconds=state.train_seconds,
-        )  # fmt: skip
-    return run, checkpoint if started_elsewhere else None
+    return engine, scheduler, ema, state, checkpoint, started_elsewhere
 
 
 def _train_one_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, Any] | None, bool]:

@@ -157,6 +157,22 @@ def test_closing_a_stream_ends_its_execution_at_once_and_the_next_epoch_starts_a
     assert (fake.executions, fake.ended) == (2, 1)
 
 
+def test_a_batch_fetched_ahead_in_another_thread_opens_the_next_epoch_and_is_not_fetched_twice() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    fake = _FakeIterator(5)
+    stream = EpochStream(fake, batch_size=2, steps=3)
+    with ThreadPoolExecutor(1) as early:  # as the worker does while it builds its engine
+        early.submit(stream.fetch_ahead).result()
+    stream.fetch_ahead()  # one batch ahead at most
+    assert fake.executions == 1
+    epochs = [[meta["image_id"][0].item() for _, _, meta in stream.epoch()] for _ in range(2)]
+    assert epochs == [[0, 2, 4], [6, 8, 0]]  # nothing skipped, nothing repeated
+    stream.fetch_ahead()
+    stream.close()  # a batch fetched ahead belongs to the execution it ends
+    assert [meta["image_id"][0].item() for _, _, meta in stream.epoch()] == [0, 2, 4]
+
+
 def test_a_stream_with_no_batch_fails_with_a_message() -> None:
     with pytest.raises(RuntimeError, match="delivered no batch of 2"):
         next(EpochStream(_FakeIterator(0), batch_size=2, steps=3).epoch())

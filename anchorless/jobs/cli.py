@@ -16,6 +16,13 @@ from typing import Any, Callable
 
 log = logging.getLogger("anchorless")
 
+# `evaluate --executor` and `models promote --executor`: offline.EXECUTORS, without importing torch here.
+EXECUTOR_CHOICES = ("auto", "ray", "process")
+EXECUTOR_HELP = (
+    "where the model runs: ray (actors fed by Ray Data), process (here, batch after batch) or auto "
+    "(default: here when no Ray cluster is given and the shards hold a few hundred images at most)"
+)
+
 QUICKSTART_CONFIG = "configs/quickstart.yaml"
 
 
@@ -114,7 +121,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from anchorless.platform.evaluation.offline import evaluate
 
     summary = evaluate(
-        args.model, args.data, batch_size=args.batch_size, out_dir=args.out, address=args.address
+        args.model, args.data, batch_size=args.batch_size, out_dir=args.out, address=args.address, executor=args.executor
     )
     _print_json_line(summary)
     return 0
@@ -226,7 +233,7 @@ def _models_promote(args: argparse.Namespace) -> int:
 
     def evaluate_fn(model_uri: str, shard_dir: str) -> dict[str, float]:
         os.environ["MLFLOW_TRACKING_URI"] = uri  # so models:/ URIs resolve against this store
-        return evaluate_version(model_uri, shard_dir, batch_size=args.batch_size, address=args.address)
+        return evaluate_version(model_uri, shard_dir, batch_size=args.batch_size, address=args.address, executor=args.executor)
 
     decision = promote(
         client, args.name, args.version, args.data, alias=args.to, policy=policy,
@@ -494,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="directory for the COCO results JSON and the summary")
     evaluate.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
     evaluate.add_argument("--address", default=None, help="Ray cluster address (default $RAY_ADDRESS or a local Ray)")
+    evaluate.add_argument("--executor", choices=EXECUTOR_CHOICES, default="auto", help=EXECUTOR_HELP)
     evaluate.set_defaults(run=_evaluate)
 
     predict = verbs.add_parser("predict", help="detect objects in images; writes JSON and drawn images")
@@ -563,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason", default=None, help="why --force; recorded on the version")
     promote.add_argument("--batch-size", type=int, default=8, help="images per inference batch (default 8)")
     promote.add_argument("--address", default=None, help="Ray cluster address for the evaluations")
+    promote.add_argument("--executor", choices=EXECUTOR_CHOICES, default="auto", help=EXECUTOR_HELP)
     registry_options(promote)
     promote.set_defaults(run=_models_promote)
 

@@ -153,6 +153,7 @@ def scratch(tmp_path_factory, synthetic_shards, tiny_config) -> Path:
         "search": {"algorithm": "grid"},
         "scheduler": {"kind": "fifo"},
         "num_samples": 1,
+        "max_concurrent_trials": 2,  # both trials at once: five CPUs hold them and two decode tasks
         "metric": "AP",
         "mode": "max",
     }
@@ -237,7 +238,8 @@ def test_campaign_job_registers_the_best_model_promoted_to_champion_a_weaker_ver
         return out
 
     # 1. A local cluster: Ray head with token auth, job server, MLflow server.
-    out = run("cluster", "up", "--local")
+    # Five logical CPUs on any machine: two one-worker trials at once (their start-ups overlap).
+    out = run("cluster", "up", "--local", "--num-cpus", "5")
     assert out.startswith("cluster started")
     state = local.read_state(user_env[local.STATE_DIR_ENV])
     assert state["auth_mode"] == "token" and Path(state["token_file"]).stat().st_mode & 0o777 == 0o600

@@ -278,11 +278,16 @@ def decode_and_transform(
     seed: int,
     epoch: int | None = None,
     mixup: dict[str, Any] | None = None,
+    one_thread: bool = True,
 ) -> dict[str, np.ndarray]:
     """Decode a block of shard rows and transform each image (mixing some with another of the
-    block when ``mixup`` is given); fixed-shape numpy columns out."""
+    block when ``mixup`` is given); fixed-shape numpy columns out.
+
+    ``one_thread``: set this process's torch to one thread, once (a Ray decode task, one per
+    CPU: torch must not fan out inside it); False where a process decodes for itself.
+    """
     global _threads_set
-    if not _threads_set:  # one decode task per CPU: torch must not fan out inside it
+    if one_thread and not _threads_set:
         torch.set_num_threads(1)
         _threads_set = True
     augment_cfg = AugmentConfig(**augment) if augment is not None else None

@@ -7,16 +7,22 @@ Detections go back to original pixels with each image's ``scale``, and are
 scored against the ground truth rebuilt from the shards (COCO AP, AR and the
 duplicate rate of an NMS-free detector). The COCO results JSON and a summary
 JSON are written atomically.
+
+A small data set with no Ray cluster to use is scored in this process instead, by the
+same decode and predictor code (``executor="auto"``): starting a local Ray, its decode
+tasks and a model actor costs some 30 s on a two-core machine, more than decoding and
+predicting a few hundred images here.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +31,8 @@ import torch
 from anchorless.errors import AnchorlessError, DataError
 from anchorless.files import write_json_atomic
 from anchorless.platform.config import DataConfig
-from anchorless.platform.data.pipeline import build_dataset
-from anchorless.platform.data.shards import coco_ground_truth, manifest_checksum, read_manifest
+from anchorless.platform.data.pipeline import build_dataset, decode_and_transform
+from anchorless.platform.data.shards import coco_ground_truth, iter_shard_tables, manifest_checksum, read_manifest
 from anchorless.platform.evaluation.metrics import score_detections
 from anchorless.platform.models.export import ModelError, category_table, export_meta, model_from_export
 from anchorless.platform.models.loading import is_mlflow_uri, load_export
@@ -39,6 +45,10 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "coco_results.json"
 SUMMARY_FILE = "summary.json"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
+EXECUTORS = ("auto", "ray", "process")
+# "auto" scores up to this many images in this process when there is no Ray cluster to join.
+IN_PROCESS_MAX_IMAGES = 512
+SHARD_COLUMNS = ["image_id", "width", "height", "image", "boxes", "labels", "iscrowd"]
 
 
 class EvaluationError(AnchorlessError):
@@ -55,16 +65,24 @@ class _BatchPredictor:
     """
 
     def __init__(
-        self, source: str | None, tracking_uri: str | None, model_ref: list | None, torch_threads: int, use_gpu: bool
+        self,
+        source: str | None,
+        tracking_uri: str | None,
+        model_ref: list | None,
+        torch_threads: int | None,
+        use_gpu: bool,
+        model: torch.nn.Module | None = None,
     ) -> None:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        torch.set_num_threads(torch_threads)
+        if torch_threads is not None:  # an actor's CPUs; in this process torch keeps its own count
+            torch.set_num_threads(torch_threads)
         if source is not None:
             self.model, _ = model_from_export(load_export(source, tracking_uri=tracking_uri), device=self.device)
         else:
-            import ray
+            if model is None:
+                import ray
 
-            model = ray.get(model_ref[0])  # wrapped in a list so Ray hands over the reference itself
+                model = ray.get(model_ref[0])  # wrapped in a list so Ray hands over the reference itself
             self.model = model.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -118,6 +136,7 @@ def evaluate(
     tracking_uri: str | None = None,
     workspace: str | os.PathLike[str] = "workspace",
     progress: bool = True,
+    executor: str = "auto",
 ) -> dict[str, Any]:
     """Score a model on a shard directory; returns the summary (also written to ``out_dir``).
 
@@ -135,7 +154,11 @@ def evaluate(
         duplicate_score_threshold / duplicate_iou_threshold: the duplicate-rate settings.
         tracking_uri: where ``models:/`` URIs resolve (default: ``$MLFLOW_TRACKING_URI``,
             then the workspace's SQLite store).
-        progress: Ray Data's progress bars.
+        progress: progress bars (Ray Data's, or this process's).
+        executor: ``ray`` (actors over Ray Data), ``process`` (decode and predict here,
+            one batch after another, with torch's threads of this process) or ``auto``:
+            here when no cluster is given or running (``address``, ``$RAY_ADDRESS``, a Ray
+            this process joined) and the shards hold at most ``IN_PROCESS_MAX_IMAGES`` images.
 
     Returns:
         ``AP, AP50, AP75, APs, APm, APl, AR100`` (pycocotools; -1 where a size has no
@@ -144,13 +167,14 @@ def evaluate(
         ``seconds``, ``images_per_second``, ``model``, ``data``, ``data_manifest_sha256``,
         ``model_manifest_sha256``, ``results`` and ``summary`` (file paths).
     """
-    import ray
-
+    if executor not in EXECUTORS:
+        raise EvaluationError(f"evaluate: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     started = time.perf_counter()
     manifest = read_manifest(shard_dir)
-    in_memory = isinstance(model_source, tuple)
+    here = _in_this_process(executor, address, manifest["num_images"])
     store = tracking_uri or _workspace_store(workspace)
-    if in_memory:
+    model = None
+    if isinstance(model_source, tuple):
         model, meta = model_source
     else:
         model_source = os.fspath(model_source)
@@ -158,41 +182,27 @@ def evaluate(
             model_source = str(Path(model_source).resolve())  # actors may run in another directory
         payload = load_export(model_source, tracking_uri=store)
         meta = {**export_meta(payload), "source": payload["source"]}
-        del payload  # each actor loads its own copy
+        if here:
+            model, _ = model_from_export(payload)
+        del payload  # on Ray each actor loads its own copy
     check_categories(meta["categories"], manifest, shard_dir)
     data_cfg = DataConfig.model_validate({**meta["config"]["data"], "train": None, "val": None})
     label_to_category = {int(c["label"]): int(c["coco_id"]) for c in meta["categories"]}
 
-    own_ray = connect_ray(address)  # quiets Ray Data's execution plans; its progress bars stay
-    try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress
-        concurrency = _fit_concurrency(concurrency, cpus_per_actor, gpus_per_actor)
-        model_ref = ray.put(model.cpu()) if in_memory else None
-        dataset = build_dataset(shard_dir, data_cfg, train=False)
-        predictions = dataset.map_batches(
-            _BatchPredictor,
-            fn_constructor_kwargs={
-                "source": None if in_memory else model_source,
-                "tracking_uri": store,
-                "model_ref": [model_ref] if in_memory else None,
-                "torch_threads": max(1, int(cpus_per_actor)),
-                "use_gpu": gpus_per_actor > 0,
-            },
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=cpus_per_actor,
-            num_gpus=gpus_per_actor or None,
-        )
-        detections: list[dict[str, torch.Tensor]] = []
-        image_ids: list[int] = []
-        seen: set[int] = set()
-        for table in predictions.iter_batches(batch_format="pyarrow", batch_size=None):
+    detections: list[dict[str, torch.Tensor]] = []
+    image_ids: list[int] = []
+    seen: set[int] = set()
+    if here:
+        predictor = _BatchPredictor(None, None, None, None, gpus_per_actor > 0, model=model)
+        for table in _predict_here(predictor, shard_dir, manifest, data_cfg, batch_size, progress=progress):
             _collect(table, detections, image_ids, seen)
-    finally:
-        if own_ray:
-            ray.shutdown()
+    else:
+        for table in _predict_on_ray(
+            model_source, model, store, shard_dir, data_cfg, batch_size=batch_size,
+            address=address, concurrency=concurrency, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+            progress=progress,
+        ):  # fmt: skip
+            _collect(table, detections, image_ids, seen)
 
     coco_gt = coco_ground_truth(shard_dir)
     expected_ids = {image["id"] for image in coco_gt["images"]}
@@ -228,6 +238,80 @@ def evaluate(
         "evaluated %d images in %.1fs: AP %.4f AP50 %.4f -> %s", len(seen), seconds, summary["AP"], summary["AP50"], out
     )
     return summary
+
+
+def _in_this_process(executor: str, address: str | None, num_images: int) -> bool:
+    if executor != "auto":
+        return executor == "process"
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    ray = sys.modules.get("ray")  # imported only to look would cost a second
+    if ray is not None and ray.is_initialized():
+        return False
+    return num_images <= IN_PROCESS_MAX_IMAGES
+
+
+def _predict_here(
+    predictor: _BatchPredictor, shard_dir: Any, manifest: dict[str, Any], data_cfg: DataConfig, batch_size: int, *, progress: bool
+) -> Iterator[pa.Table]:
+    """The predictor's tables for every image of the shards, decoded here as Ray's decode tasks do."""
+    from tqdm import tqdm
+
+    with tqdm(total=manifest["num_images"], desc="evaluate", unit="img", disable=not progress) as bar:
+        for shard in iter_shard_tables(shard_dir, manifest, columns=SHARD_COLUMNS):
+            for start in range(0, shard.num_rows, batch_size):
+                rows = shard.slice(start, batch_size)
+                batch = decode_and_transform(
+                    rows, image_size=data_cfg.image_size, max_boxes=data_cfg.max_boxes, augment=None, seed=0,
+                    epoch=0, one_thread=False,
+                )  # fmt: skip
+                yield predictor(batch)
+                bar.update(rows.num_rows)
+
+
+def _predict_on_ray(
+    model_source: Any,
+    model: torch.nn.Module | None,
+    store: str,
+    shard_dir: Any,
+    data_cfg: DataConfig,
+    *,
+    batch_size: int,
+    address: str | None,
+    concurrency: int,
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+    progress: bool,
+) -> Iterator[pa.Table]:
+    """The predictor's tables from a pool of Ray actors fed by Ray Data's decode tasks."""
+    import ray
+
+    own_ray = connect_ray(address)  # quiets Ray Data's execution plans; its progress bars stay
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = progress
+        concurrency = _fit_concurrency(concurrency, cpus_per_actor, gpus_per_actor)
+        model_ref = ray.put(model.cpu()) if model is not None else None
+        dataset = build_dataset(shard_dir, data_cfg, train=False)
+        predictions = dataset.map_batches(
+            _BatchPredictor,
+            fn_constructor_kwargs={
+                "source": None if model is not None else model_source,
+                "tracking_uri": store,
+                "model_ref": [model_ref] if model is not None else None,
+                "torch_threads": max(1, int(cpus_per_actor)),
+                "use_gpu": gpus_per_actor > 0,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor or None,
+        )
+        yield from predictions.iter_batches(batch_format="pyarrow", batch_size=None)
+    finally:
+        if own_ray:
+            ray.shutdown()
 
 
 def _collect(

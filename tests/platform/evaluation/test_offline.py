@@ -103,9 +103,13 @@ def _oracle(shard_dir: Path, truth: dict, shift: float = 0.0) -> tuple[OracleDet
 def test_a_model_predicting_the_ground_truth_scores_ap_one_and_shifted_boxes_score_the_known_lower_ap(
     shard_dir, truth, tmp_path
 ):
-    from anchorless.platform.evaluation.offline import evaluate
+    from anchorless.platform.evaluation.offline import METRICS, evaluate
 
     exact = evaluate(_oracle(shard_dir, truth), shard_dir, batch_size=3, out_dir=tmp_path / "exact", progress=False)
+    # In this process (the same decode, the same pixels): the same exact detections.
+    here = evaluate(_oracle(shard_dir, truth), shard_dir, batch_size=3, out_dir=tmp_path / "here", progress=False, executor="process")
+    assert {key: here[key] for key in (*METRICS, "detections")} == {key: exact[key] for key in (*METRICS, "detections")}
+    assert json.loads((tmp_path / "here" / "coco_results.json").read_text()) == json.loads((tmp_path / "exact" / "coco_results.json").read_text())
     assert exact["images"] == NUM_IMAGES
     assert (exact["AP"], exact["AP50"], exact["AP75"], exact["AR100"]) == (1.0, 1.0, 1.0, 1.0)
     assert exact["duplicate_rate"] == 0.0
@@ -170,6 +174,46 @@ def test_evaluate_runs_an_exported_model_file_on_ray_actors(shard_dir, ray_sessi
         width, height = sizes[result["image_id"]]
         assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= width + 1e-3 and y + h <= height + 1e-3
     assert 0.0 <= summary["AP"] <= 1.0 and 0.0 <= summary["duplicate_rate"] <= 1.0
+
+    # Here, without Ray: the same decode and predictor, the same counts and scores.
+    here = evaluate(str(path), shard_dir, batch_size=3, out_dir=tmp_path / "here", progress=False, executor="process")
+    assert here["images"] == NUM_IMAGES and here["detections"] == summary["detections"]
+    here_results = json.loads((tmp_path / "here" / "coco_results.json").read_text())
+
+    def per_image(records: list[dict]) -> dict[int, int]:
+        return {i: sum(r["image_id"] == i for r in records) for i in sizes}
+
+    # Untrained scores are near-ties (the top 100 may differ in float rounding), so counts and
+    # scores compare here; the oracle test compares the detections themselves.
+    assert per_image(here_results) == per_image(results)
+    for metric in ("AP", "AP50", "AR100", "duplicate_rate"):
+        assert here[metric] == pytest.approx(summary[metric], abs=1e-3), metric
+
+
+def test_auto_scores_a_small_set_here_unless_a_ray_cluster_is_given_or_joined(monkeypatch):
+    import sys
+
+    from anchorless.platform.evaluation.offline import IN_PROCESS_MAX_IMAGES, EvaluationError, _in_this_process, evaluate
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    class JoinedRay:
+        @staticmethod
+        def is_initialized() -> bool:
+            return True
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert _in_this_process("auto", None, IN_PROCESS_MAX_IMAGES)
+    assert not _in_this_process("auto", None, IN_PROCESS_MAX_IMAGES + 1)  # large: Ray's parallel decode pays
+    assert not _in_this_process("auto", "ray://head:10001", 10)
+    assert _in_this_process("process", "ray://head:10001", 10**6) and not _in_this_process("ray", None, 1)
+    monkeypatch.setitem(sys.modules, "ray", JoinedRay)
+    assert not _in_this_process("auto", None, 10)  # a Ray this process joined (a job, a trial) is used
+    monkeypatch.delitem(sys.modules, "ray")
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert not _in_this_process("auto", None, 10)
+    with pytest.raises(EvaluationError, match="executor must be one of auto, ray, process, got 'gpu'"):
+        evaluate((None, {}), "anywhere", executor="gpu")
 
 
 def test_a_model_trained_on_other_categories_is_refused_with_both_tables(shard_dir):

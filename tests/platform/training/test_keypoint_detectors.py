@@ -55,7 +55,10 @@ def test_trains_two_epochs_on_two_workers_registers_and_is_scored_by_evaluate(
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", summary["tracking_uri"])
     capsys.readouterr()
-    assert main(["evaluate", "--model", summary["model_uri"], "--data", str(shards["val"]), "--out", str(tmp_path / "eval")]) == 0
+    # In this process: the predictor and decoding of the Ray path (tests/platform/evaluation
+    # compares the two), without starting actors beside this module's Ray.
+    evaluate = ["evaluate", "--model", summary["model_uri"], "--data", str(shards["val"]), "--executor", "process"]
+    assert main([*evaluate, "--out", str(tmp_path / "eval")]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["images"] == 4 and 0.0 <= scored["AP50"] <= 1.0
     assert (tmp_path / "eval").is_dir()

@@ -48,7 +48,8 @@ def test_trains_two_epochs_on_two_workers_registers_and_is_scored_by_evaluate(
     raw["detector"] = {"name": name, "num_classes": 3, **TINY[name]}
     if name == "cornernet_saccade":  # the paper's training: crops around objects, from the pipeline
         raw["data"]["augment"] = {"object_crop": {"enabled": True}}
-    raw["evaluation"] = {"every_epochs": 2}  # validated once, at the end
+    raw["evaluation"] = {"every_epochs": 2}  # validated once, at the end: the only checkpoint
+    raw["training"]["checkpoint"] = {"every_epochs": 2}  # (a checkpoint is always scored)
     summary = train(build_config(raw), progress=False)
     assert summary["epoch"] == 2 and summary["model_uri"] == f"models:/shapes-{name}/1"
     assert isinstance(summary["AP"], float)  # the run's own validation, through the same inference

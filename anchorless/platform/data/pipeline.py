@@ -67,6 +67,9 @@ from anchorless.platform.ray_session import ImportedWhereCalled
 
 log = logging.getLogger(__name__)
 
+# The shard columns decode_and_transform reads: what build_dataset (and offline evaluation
+# decoding in its own process) read from the Parquet shards.
+DECODE_COLUMNS = ["image_id", "width", "height", "image", "boxes", "labels", "iscrowd"]
 # Rows per block and per decode task: small enough that one shard becomes many
 # parallel tasks and a block of decoded 512 px images stays ~25 MB; large enough
 # that per-task scheduling is noise (16 rows measured ~20% slower on 2 CPUs,
@@ -116,7 +119,7 @@ def build_dataset(
     with _parquet_reader_v1():
         dataset = ray.data.read_parquet(
             [f"{base}/{shard['file']}" for shard in manifest["shards"]],
-            columns=["image_id", "width", "height", "image", "boxes", "labels", "iscrowd"],
+            columns=DECODE_COLUMNS,
             # The resolved filesystem: left to infer it, Ray probes for one on every epoch.
             filesystem=filesystem,
             shuffle=ray.data.FileShuffleConfig(seed=seed) if train else None,

@@ -31,7 +31,7 @@ import torch
 from anchorless.errors import AnchorlessError, DataError
 from anchorless.files import write_json_atomic
 from anchorless.platform.config import DataConfig
-from anchorless.platform.data.pipeline import build_dataset, decode_and_transform
+from anchorless.platform.data.pipeline import DECODE_COLUMNS, build_dataset, decode_and_transform
 from anchorless.platform.data.shards import coco_ground_truth, iter_shard_tables, manifest_checksum, read_manifest
 from anchorless.platform.evaluation.metrics import score_detections
 from anchorless.platform.models.export import ModelError, category_table, export_meta, model_from_export
@@ -48,7 +48,6 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
 EXECUTORS = ("auto", "ray", "process")
 # "auto" scores up to this many images in this process when there is no Ray cluster to join.
 IN_PROCESS_MAX_IMAGES = 512
-SHARD_COLUMNS = ["image_id", "width", "height", "image", "boxes", "labels", "iscrowd"]
 
 
 class EvaluationError(AnchorlessError):
@@ -78,12 +77,12 @@ class _BatchPredictor:
             torch.set_num_threads(torch_threads)
         if source is not None:
             self.model, _ = model_from_export(load_export(source, tracking_uri=tracking_uri), device=self.device)
-        else:
-            if model is None:
-                import ray
+            return
+        if model is None:
+            import ray
 
-                model = ray.get(model_ref[0])  # wrapped in a list so Ray hands over the reference itself
-            self.model = model.to(self.device).eval()
+            model = ray.get(model_ref[0])  # wrapped in a list so Ray hands over the reference itself
+        self.model = model.to(self.device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images = torch.from_numpy(batch["image"]).to(self.device).float().div_(255.0)  # (B, 3, S, S)
@@ -258,7 +257,7 @@ def _predict_here(
     from tqdm import tqdm
 
     with tqdm(total=manifest["num_images"], desc="evaluate", unit="img", disable=not progress) as bar:
-        for shard in iter_shard_tables(shard_dir, manifest, columns=SHARD_COLUMNS):
+        for shard in iter_shard_tables(shard_dir, manifest, columns=DECODE_COLUMNS):
             for start in range(0, shard.num_rows, batch_size):
                 rows = shard.slice(start, batch_size)
                 batch = decode_and_transform(

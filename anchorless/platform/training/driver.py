@@ -117,6 +117,20 @@ def _data_config() -> Any:
     return TrainEqualValComplete()
 
 
+# Ray Train's controller looks at its workers every 2 s by default, so it learns of a
+# finished run (or a dead worker) up to 2 s late: seconds of every short run, measured
+# 3.3 s from the workers' last step to `fit()` returning, 1.0 s at 0.5 s. The controller
+# reads this variable, which Ray Train copies from the process calling `fit()`; a value
+# set by the user wins.
+CONTROLLER_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+CONTROLLER_POLL_SECONDS = "0.5"
+
+
+def poll_workers_often() -> None:
+    """Have the next ``fit()``'s controller poll its workers every CONTROLLER_POLL_SECONDS."""
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS)
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     plan: RunPlan,
@@ -138,6 +152,7 @@ def build_trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     DataContext.get_current().enable_progress_bars = False  # the driver shows one bar, ours
+    poll_workers_often()
     seed = cfg.training.seed
     datasets = {"train": build_dataset(plan.train_dir, cfg.data, train=True, seed=seed, max_passes=_epochs_between_evaluations(cfg, plan))}
     if plan.val_dir:

@@ -24,15 +24,16 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import math
 import os
 import signal
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ray.train
 import ray.train.torch
@@ -58,6 +59,8 @@ from anchorless.platform.training.engine import (
 )
 from anchorless.platform.training.handover import Fault, WorkerPlan
 from anchorless.platform.training.tricks import WeightEma, apply_label_smoothing
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "anchorless_state.json"
 NUM_SAMPLE_IMAGES = 8  # validation images drawn with their detections in MLflow
@@ -99,10 +102,16 @@ class WorkerRun:
     ema: WeightEma | None = None  # training.ema: the model scored, saved and exported
     tracker: Tracker | None = None  # rank 0 only
     progress: ProgressSender | None = None  # rank 0 only
-    # Rank 0's per-step logging (an MLflow write, a queue put) runs beside training, in order.
+    # Rank 0's tracking (every MLflow write, the progress messages) runs beside training, in
+    # order: a slow or unreachable store (retries, then the outbox) never holds up a step.
     side_work: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchorless-log")
     )
+
+    def beside(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """``fn(*args, **kwargs)`` on the side-work thread, after what was queued before it;
+        a failure there is a warning on the driver, not the end of the run."""
+        self.side_work.submit(fn, *args, **kwargs).add_done_callback(_warn_if_failed)
 
     @property
     def images_per_step(self) -> int:
@@ -140,12 +149,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             if out_of_time:
                 if run.progress is not None:
                     budget = cfg.training.time_budget_minutes
-                    run.progress.send("message", text=f"time budget of {budget:g} min spent at step {run.engine.global_steps}")
+                    run.beside(run.progress.send, "message", text=f"time budget of {budget:g} min spent at step {run.engine.global_steps}")
                 break
         return None
     finally:
         run.stream.close()  # an execution still in flight (a run with nothing left to train started one)
-        run.side_work.shutdown(wait=True)  # the last step logs are out
+        run.side_work.shutdown(wait=True)  # the last logs are out
         if run.tracker is not None:
             run.tracker.flush()  # a last try at what an outage held back; the driver tries again after
 
@@ -291,14 +300,19 @@ def _train_one_epoch(run: WorkerRun, epoch: int) -> tuple[dict[str, Any] | None,
     return None, out_of_time
 
 
+def _warn_if_failed(done: Future) -> None:
+    if done.exception() is not None:
+        log.warning("rank 0's tracking beside training failed", exc_info=done.exception())
+
+
 def _log_step(run: WorkerRun, epoch: int, averaged: dict[str, float], speed: float) -> None:
     """Rank 0: this step's losses, LR and throughput to the progress display and MLflow, off the training thread."""
     lr, step = run.scheduler.get_last_lr()[0], run.engine.global_steps
-    run.side_work.submit(
+    run.beside(
         run.progress.send, "step", epoch=epoch + 1, step=step, losses=averaged, lr=lr, images_per_s=speed,
         train_seconds=run.state.train_seconds,
     )  # fmt: skip
-    run.side_work.submit(run.tracker.log_metrics, {**averaged, "lr": lr, "images_per_s": speed}, step=step)
+    run.beside(run.tracker.log_metrics, {**averaged, "lr": lr, "images_per_s": speed}, step=step)
 
 
 def _evaluate_and_checkpoint(run: WorkerRun, epoch: int, *, out_of_time: bool) -> None:
@@ -307,7 +321,6 @@ def _evaluate_and_checkpoint(run: WorkerRun, epoch: int, *, out_of_time: bool) -
     cfg, engine, state = run.cfg, run.engine, run.state
     training = cfg.training
     train_seconds = time.perf_counter() - state.epoch_start
-    run.side_work.submit(lambda: None).result()  # this epoch's step logs are out before its summary
     state.epoch = epoch + 1
     metrics = {
         "epoch": state.epoch,
@@ -319,8 +332,8 @@ def _evaluate_and_checkpoint(run: WorkerRun, epoch: int, *, out_of_time: bool) -
         "train_seconds": state.train_seconds,
         **state.epoch_losses(),
     }
-    if run.tracker is not None:  # epoch means, named apart from the per-step values
-        run.tracker.log_metrics(_epoch_summary(metrics), step=engine.global_steps)
+    if run.tracker is not None:  # epoch means, named apart from the per-step values; after the step logs
+        run.beside(run.tracker.log_metrics, _epoch_summary(metrics), step=engine.global_steps)
     last = state.epoch == training.epochs or out_of_time
     save = last or state.epoch % training.checkpoint.every_epochs == 0
     if save or state.epoch % cfg.evaluation.every_epochs == 0:
@@ -514,10 +527,10 @@ def _score(run: WorkerRun, gathered: list[Any], samples: list[dict[str, Any]], e
     metrics = {key: value for key, value in summary.items() if isinstance(value, (int, float))}
     step = run.engine.global_steps
     if run.tracker is not None:
-        run.tracker.log_metrics(metrics, step=step)
-        log_evaluation(run.tracker, summary, step, coco_gt, results, samples)
+        run.beside(run.tracker.log_metrics, metrics, step=step)
+        run.beside(log_evaluation, run.tracker, summary, step, coco_gt, results, samples)
     if run.progress is not None:
-        run.progress.send("evaluation", epoch=epoch + 1, step=step, metrics=metrics)
+        run.beside(run.progress.send, "evaluation", epoch=epoch + 1, step=step, metrics=metrics)
     return metrics
 
 

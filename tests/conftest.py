@@ -9,6 +9,35 @@ import pytest
 
 TINY_IMAGE_SIZE = 64  # pixels: a training step takes a fraction of a second on a CPU
 
+# The corner-keypoint detectors at the platform tests' cost, on the same 64 px shapes: their
+# own heads, losses and decoding (Soft-NMS included). CornerNet and the triplets on the
+# ResNet-18 variant with narrow upsampler and branches, pairing the top 20 corners;
+# CornerNet-Lite with the papers' structures a few channels wide, Saccade's views and crops
+# scaled to the shapes (views of 64 and 48 px, 64 px crops, at most two an image).
+_CORNERS_ON_RESNET18 = {
+    "backbone": {"depth": 18, "upsample_channels": [32, 32, 32]},
+    "head": {"channels": 32, "pool_channels": 32},
+    "postprocess": {"corner_topk": 20},
+}
+TINY_KEYPOINT_DETECTORS = {
+    "cornernet": _CORNERS_ON_RESNET18,
+    "centernet_triplets": _CORNERS_ON_RESNET18,
+    "cornernet_squeeze": {
+        "backbone": {"channels": [16, 16, 24, 24, 32], "out_channels": 16, "stem_channels": 16},
+        "head": {"channels": 16, "pool_channels": 16},
+    },
+    "cornernet_saccade": {
+        "backbone": {"channels": [16, 16, 24, 32], "out_channels": 16, "stem_channels": 16},
+        "head": {"channels": 16, "pool_channels": 16, "attention_channels": 16},
+        "postprocess": {"init_sizes": [64, 48], "crop_size": 64, "k_max": 2},
+    },
+}
+
+
+def tiny_keypoint_detector(name: str, num_classes: int = 3) -> dict[str, Any]:
+    """The ``detector`` section of a config training ``name`` (a key of TINY_KEYPOINT_DETECTORS)."""
+    return {"name": name, "num_classes": num_classes, **TINY_KEYPOINT_DETECTORS[name]}
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under parallel workers, test files with slow tests first, each file's tests in their own order.

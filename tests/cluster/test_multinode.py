@@ -7,7 +7,8 @@ over two of them; where each worker ran is read back from Ray's state API. The r
 loses a node that holds one of its workers right after its first checkpoint, gets a
 fresh node, and must finish from that checkpoint, with its COCO metrics. One `train()` call
 (a clean two-node run proved nothing this one does not): about three minutes on a busy
-two-core machine.
+two-core machine. The detector is CornerNet (tiny): the corner-keypoint family's run
+through the platform, its checkpoint resumed on other nodes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from anchorless.platform.config import build_config
 from anchorless.platform.training.driver import train
 from anchorless.platform.training.plan import plan_run
 from anchorless.platform.training.worker import STATE_FILE
+from tests.conftest import tiny_keypoint_detector
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +103,9 @@ def make_cfg(tiny_config, tmp_path_factory, shards):
     workspace = tmp_path_factory.mktemp("multinode-workspace")
 
     def make(name: str, **training: Any):
-        return build_config(tiny_config(workspace, shards, name, tracking={"experiment": "multinode-tests"}, **training))
+        raw = tiny_config(workspace, shards, name, tracking={"experiment": "multinode-tests"}, **training)
+        raw["detector"] = tiny_keypoint_detector("cornernet")  # the corner-keypoint family's platform run
+        return build_config(raw)
 
     return make
 
@@ -156,7 +160,7 @@ def test_the_heads_job_server_refuses_a_request_without_the_token(cluster):
     assert refused.value.code == 401
 
 
-def test_two_workers_on_two_nodes_report_coco_metrics_and_survive_losing_a_node_resuming_on_a_fresh_one(
+def test_cornernet_on_two_nodes_reports_coco_metrics_and_survives_losing_a_node_resuming_on_a_fresh_one(
     cluster, make_cfg, tmp_path
 ):
     import ray

@@ -2,9 +2,10 @@
 
 Shards are written to and read from ``s3://``, a shard writer killed half-way leaves no
 manifest, and one slow run goes the whole way: raccoon sharded from its Pascal VOC folder
-to S3 (or, where raccoon is absent, the synthetic shapes from YOLO labels), trained by two
-Ray Train workers streaming from there with DeepSpeed checkpoints and the MLflow artifacts
-on S3, then evaluated and promoted from the registry reading both back.
+to S3 (or, where raccoon is absent, the synthetic shapes from YOLO labels), a CenterNet
+(keypoint triplets) trained by two Ray Train workers streaming from there with DeepSpeed
+checkpoints and the MLflow artifacts on S3, then evaluated and promoted from the registry
+reading both back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 from anchorless.errors import DataError
 from anchorless.platform.data.shards import coco_ground_truth, read_manifest, shard_dataset, write_shards
 from anchorless.platform.data.synth import CATEGORIES, generate_synthetic_coco
+from tests.conftest import tiny_keypoint_detector
 from tests.platform.conftest import raccoon_root, write_yolo_labels
 
 
@@ -76,7 +78,7 @@ def test_a_shard_writer_killed_half_way_leaves_no_manifest_in_the_bucket(object_
 
 
 @pytest.mark.slow
-def test_voc_shards_on_s3_train_two_workers_checkpointing_and_logging_there_then_evaluate_and_promote(
+def test_voc_shards_on_s3_train_centernet_triplets_on_two_workers_checkpointing_and_logging_there_then_evaluate_and_promote(
     object_store, ray_local, synth, tiny_config, tmp_path, monkeypatch
 ) -> None:
     from mlflow import MlflowClient
@@ -117,7 +119,9 @@ def test_voc_shards_on_s3_train_two_workers_checkpointing_and_logging_there_then
         tracking={"experiment": "s3", "registered_model": model_name, "artifact_location": f"{bucket}/mlflow"},
         epochs=1, checkpoint={"storage": f"{bucket}/runs"},
     )  # fmt: skip
-    raw["detector"]["num_classes"] = len(manifests["train"]["categories"])
+    # CenterNet keypoint triplets (tiny): that family's run through the platform, its model
+    # read back from the registry on S3 and scored by promotion's evaluation.
+    raw["detector"] = tiny_keypoint_detector("centernet_triplets", num_classes=len(manifests["train"]["categories"]))
     started = time.monotonic()
     summary = train(build_config(raw), progress=False)
     took["train"] = time.monotonic() - started

@@ -1,6 +1,6 @@
-"""The corner-keypoint detectors through the platform: two epochs with two Ray Train workers
-on the synthetic shapes (CornerNet-Saccade on the pipeline's object crops), a registered model,
-and ``anchorless evaluate`` scoring it (Saccade through its two steps)."""
+"""CornerNet-Lite through the platform: two epochs with two Ray Train workers on the synthetic
+shapes (CornerNet-Saccade on the pipeline's object crops), a registered model, and ``anchorless
+evaluate`` scoring it (Saccade through its two steps)."""
 
 from __future__ import annotations
 
@@ -11,41 +11,24 @@ import pytest
 from anchorless.jobs.cli import main
 from anchorless.platform.config import build_config
 from anchorless.platform.training.driver import train
+from tests.conftest import tiny_keypoint_detector
 
 pytestmark = pytest.mark.slow
 
-# The ResNet-18 variant with narrow upsampler and branches, pairing the top 20 corners: the
-# detectors' own heads, losses and decoding (Soft-NMS included) at the platform tests' cost.
-TINY_KEYPOINT = {
-    "backbone": {"depth": 18, "upsample_channels": [32, 32, 32]},
-    "head": {"channels": 32, "pool_channels": 32},
-    "postprocess": {"corner_topk": 20},
-}
-TINY = {
-    "cornernet": TINY_KEYPOINT,
-    "centernet_triplets": TINY_KEYPOINT,
-    # CornerNet-Lite: the papers' structures a few channels wide; Saccade's views and crops
-    # scaled to the 64-px shapes (views of 64 and 48 px, 64-px crops, at most two an image).
-    "cornernet_squeeze": {
-        "backbone": {"channels": [16, 16, 24, 24, 32], "out_channels": 16, "stem_channels": 16},
-        "head": {"channels": 16, "pool_channels": 16},
-    },
-    "cornernet_saccade": {
-        "backbone": {"channels": [16, 16, 24, 32], "out_channels": 16, "stem_channels": 16},
-        "head": {"channels": 16, "pool_channels": 16, "attention_channels": 16},
-        "postprocess": {"init_sizes": [64, 48], "crop_size": 64, "k_max": 2},
-    },
-}
+# CornerNet and the triplets go through the platform in the slow tests that train anyway:
+# CornerNet on two nodes losing one (tests/cluster/test_multinode.py), the triplets from S3
+# shards to promotion (tests/platform/test_s3.py). The Lite pair runs here.
+LITE = ["cornernet_squeeze", "cornernet_saccade"]
 
 
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", LITE)
 def test_trains_two_epochs_on_two_workers_registers_and_is_scored_by_evaluate(
     name, ray_local, synthetic_shards, tiny_config, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shards = synthetic_shards(num_images=20)  # 64 px shapes: 16 train images (2 steps an epoch), 4 val
     raw = tiny_config(tmp_path / "workspace", shards, f"{name}-shapes", tracking={"registered_model": f"shapes-{name}"})
-    raw["detector"] = {"name": name, "num_classes": 3, **TINY[name]}
+    raw["detector"] = tiny_keypoint_detector(name)
     if name == "cornernet_saccade":  # the paper's training: crops around objects, from the pipeline
         raw["data"]["augment"] = {"object_crop": {"enabled": True}}
     raw["evaluation"] = {"every_epochs": 2}  # validated once, at the end: the only checkpoint

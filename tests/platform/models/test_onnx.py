@@ -32,7 +32,7 @@ TINY = {
     # Its default Soft-NMS: a loop of topk picks unrolled in the graph (a few here: export time).
     "cornernet": {
         "backbone": {"depth": 18, "upsample_channels": [32, 32, 32]}, "head": {"channels": 32, "pool_channels": 32},
-        "postprocess": {"topk": 12},
+        "postprocess": {"topk": 6},
     },
 }
 

@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
+	$(COMPILE)
 	$(BIN)/anchorless quickstart
 
 # Test files in parallel processes, a file's tests in one of them (they share its module
@@ -23,10 +24,18 @@ quickstart: $(STAMP)
 TEST_WORKERS ?= $(shell n=$$(( $$(nproc) / 2 )); [ $$n -lt 1 ] && n=1; [ $$n -gt 4 ] && n=4; echo $$n)
 PARALLEL := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
+# The project's bytecode, compiled once: a test run starts hundreds of Python processes
+# (each Ray Train run about thirteen, the CLI in subprocesses) that import the package,
+# and where the environment sets PYTHONDONTWRITEBYTECODE none of them keeps what it
+# compiled (0.36 s of a training worker's import, measured).
+COMPILE := $(BIN)/python -m compileall -q anchorless
+
 test: $(STAMP)
+	$(COMPILE)
 	$(BIN)/python -m pytest $(PARALLEL)
 
 test-quick: $(STAMP)
+	$(COMPILE)
 	$(BIN)/python -m pytest $(PARALLEL) -m "not slow"
 
 bench: $(STAMP)

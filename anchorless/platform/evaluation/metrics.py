@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -19,6 +20,19 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
 # COCOeval.stats positions of the numbers we report.
+# sys.stdout is one per process: two redirects interleaving in two threads (rank 0 scores on
+# its training thread while its side thread plots the previous evaluation) would restore each
+# other's buffers and leave stdout pointing at a dead one. Reentrant: scoring nests them.
+_STDOUT_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def pycocotools_quiet() -> Iterator[None]:
+    """Swallow what pycocotools prints (every stage of an evaluation), one thread at a time."""
+    with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
 _STATS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
 
 
@@ -67,7 +81,7 @@ def as_coco(coco_gt: COCO | Mapping[str, Any]) -> COCO:
     dataset.setdefault("info", {})
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
+    with pycocotools_quiet():
         coco.createIndex()
     return coco
 
@@ -93,7 +107,7 @@ def coco_eval(
     unknown = {r["image_id"] for r in results} - known
     if unknown:
         raise ValueError(f"results refer to image ids not in the ground truth: {sorted(unknown)[:10]}")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with pycocotools_quiet():
         coco_dt = coco.loadRes(copy.deepcopy(list(results)))  # loadRes edits its input
         evaluator = COCOeval(coco, coco_dt, iouType="bbox")
         if image_ids is not None:

@@ -8,8 +8,6 @@ Matplotlib runs on its file-only backend (no display).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import re
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from anchorless.platform.data.drawing import class_color, draw_coco_detections, image_grid
-from anchorless.platform.evaluation.metrics import as_coco
+from anchorless.platform.evaluation.metrics import as_coco, pycocotools_quiet
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +41,7 @@ def precision_recall_curves(
     """One curve per category of ``coco_gt`` at the given IoU, area "all", 100 detections."""
     from pycocotools.cocoeval import COCOeval
 
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+    with pycocotools_quiet():
         ground_truth = as_coco(coco_gt)  # a copy: COCOeval marks annotations in place
         categories = {category["id"]: category["name"] for category in ground_truth.dataset.get("categories", [])}
         if not coco_results:

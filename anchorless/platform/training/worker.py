@@ -20,9 +20,7 @@ this run's config's, continued at the loaded step (:func:`load_keeping_hyperpara
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import logging
 import math
@@ -44,7 +42,7 @@ from anchorless.detectors import build_detector
 from anchorless.platform.config import ExperimentConfig
 from anchorless.platform.data.pipeline import EpochStream, multiscale_size, resize_batch, to_model_inputs
 from anchorless.platform.data.shards import coco_ground_truth
-from anchorless.platform.evaluation.metrics import score_detections
+from anchorless.platform.evaluation.metrics import pycocotools_quiet, score_detections
 from anchorless.platform.evaluation.plots import log_evaluation
 from anchorless.platform.models.predict import batch_to_original_pixels
 from anchorless.platform.progress import ProgressSender, forward_worker_warnings, quiet_worker_logs
@@ -508,7 +506,7 @@ def _evaluate(run: WorkerRun, epoch: int) -> dict[str, Any]:
         dist.all_gather_object(gathered, predictions)
     if run.rank != 0:
         return {}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints every stage
+    with pycocotools_quiet():
         return _score(run, gathered, samples, epoch)
 
 

@@ -81,3 +81,37 @@ def test_duplicate_rate_counts_confident_same_class_overlaps_with_a_better_detec
     assert duplicate_rate([_det([], [], [])]) == 0.0
     assert duplicate_metrics(detections) == {"duplicate_rate": pytest.approx(1 / 5), "confident_detections": 5}
     assert duplicate_metrics([_det([], [], [])]) == {"duplicate_rate": 0.0, "confident_detections": 0}
+
+
+
+def test_pycocotools_quiet_in_two_threads_at_once_leaves_stdout_as_it_was():
+    """Rank 0 scores on its training thread while its side thread plots: the second redirect
+    waits for the first, so sys.stdout never ends up pointing at one of their buffers."""
+    import sys
+    import threading
+
+    from anchorless.platform.evaluation.metrics import pycocotools_quiet
+
+    before = sys.stdout
+    plotting, plotted, scored = threading.Event(), threading.Event(), threading.Event()
+
+    def plot() -> None:
+        with pycocotools_quiet():
+            print("pycocotools chatter")
+            plotting.set()
+            assert plotted.wait(10)
+
+    def score() -> None:
+        with pycocotools_quiet():
+            scored.set()
+
+    side = threading.Thread(target=plot)
+    side.start()
+    assert plotting.wait(10)
+    main = threading.Thread(target=score)
+    main.start()
+    assert not scored.wait(0.3)  # held until the plot's redirect has ended
+    plotted.set()
+    side.join()
+    main.join()
+    assert scored.is_set() and sys.stdout is before

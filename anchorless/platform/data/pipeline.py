@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 # The shard columns decode_and_transform reads: what build_dataset (and offline evaluation
 # decoding in its own process) read from the Parquet shards.
 DECODE_COLUMNS = ["image_id", "width", "height", "image", "boxes", "labels", "iscrowd"]
+
 # Rows per block and per decode task: small enough that one shard becomes many
 # parallel tasks and a block of decoded 512 px images stays ~25 MB; large enough
 # that per-task scheduling is noise (16 rows measured ~20% slower on 2 CPUs,

@@ -19,7 +19,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-# COCOeval.stats positions of the numbers we report.
 # sys.stdout is one per process: two redirects interleaving in two threads (rank 0 scores on
 # its training thread while its side thread plots the previous evaluation) would restore each
 # other's buffers and leave stdout pointing at a dead one. Reentrant: scoring nests them.
@@ -33,6 +32,7 @@ def pycocotools_quiet() -> Iterator[None]:
         yield
 
 
+# COCOeval.stats positions of the numbers we report.
 _STATS = {"AP": 0, "AP50": 1, "AP75": 2, "APs": 3, "APm": 4, "APl": 5, "AR100": 8}
 
 

@@ -83,7 +83,6 @@ def test_duplicate_rate_counts_confident_same_class_overlaps_with_a_better_detec
     assert duplicate_metrics([_det([], [], [])]) == {"duplicate_rate": 0.0, "confident_detections": 0}
 
 
-
 def test_pycocotools_quiet_in_two_threads_at_once_leaves_stdout_as_it_was():
     """Rank 0 scores on its training thread while its side thread plots: the second redirect
     waits for the first, so sys.stdout never ends up pointing at one of their buffers."""
